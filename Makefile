@@ -1,0 +1,44 @@
+# burrow: `make demo` trains, evaluates and samples a tiny model; `make test` runs the suite.
+# Both create .venv on first use. Where no NVIDIA GPU is present, torch is the CPU build.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN ?= runs/nano
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# A GPU machine takes the default (CUDA) build; elsewhere a local CPU wheel if pip can
+	@# find one offline, else the CPU build from PyTorch's own index.
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install --quiet torch==2.13.0; \
+	elif ! $(BIN)/pip install --quiet --no-deps --no-index torch==2.13.0 2>/dev/null; then \
+		$(BIN)/pip install --quiet --no-deps torch==2.13.0 \
+			--index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/burrow train --preset nano --data stdlib --out $(RUN) --max-steps 600 \
+		--eval-every 200 --save-every 200
+	$(BIN)/burrow eval $(RUN)
+	$(BIN)/burrow generate $(RUN) --prompt "def " --max-new-tokens 120 --seed 0
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+bench: setup
+	@ls bench/*.py >/dev/null 2>&1 && for script in bench/*.py; do $(BIN)/python $$script; done
+
+clean:
+	rm -rf $(RUN) .pytest_cache .ruff_cache

@@ -1,0 +1,177 @@
+"""What each CLI verb does, as plain functions that take parsed arguments and return results."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from burrow import presets
+from burrow.config import RunConfig, TrainConfig, apply_overrides
+from burrow.errors import UserError
+
+
+def _source(data: str) -> str:
+    """A data source as stored in a config: paths made absolute so a run can move cwd."""
+    return data if data == "stdlib" or not Path(data).exists() else str(Path(data).resolve())
+
+
+def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """The run config that `burrow train` flags describe, and the run directory."""
+    out = Path(args.out) if args.out else Path("runs") / (args.preset or "nano")
+    saved = out / "config.yaml"
+    if args.resume and saved.is_file():
+        cfg = RunConfig.load(saved)
+        if args.preset and args.preset != cfg.preset:
+            raise UserError(f"{out} was trained with preset {cfg.preset}, not {args.preset}; "
+                            "drop --preset to resume it")
+    elif args.config:
+        cfg = RunConfig.load(Path(args.config))
+        if args.preset:
+            cfg.model, cfg.preset = presets.get(args.preset), args.preset
+    else:
+        name = args.preset or "nano"
+        cfg = RunConfig(model=presets.get(name), preset=name)
+    raw = cfg.to_dict()
+    if args.data:
+        raw["data"]["source"] = _source(args.data)
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, f"train_{field.name}")
+        if value is not None:
+            raw["train"][field.name] = value
+    cfg = apply_overrides(RunConfig.from_dict(raw), args.set)
+    return cfg, out
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from burrow.train import train
+
+    cfg, out = run_config_from_args(args)
+    summary = train(cfg, out, resume=args.resume, allow_data_change=args.allow_data_change)
+    return 0 if not summary["interrupted"] else 130
+
+
+def _device(name: str) -> torch.device:
+    from burrow.train.trainer import resolve_device
+
+    return resolve_device(name)
+
+
+def eval_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Loss, perplexity, bits per byte, and gzip/xz bits per byte on the same bytes."""
+    from burrow.data import TokenDataset, tokenize_source
+    from burrow.eval import compressor_bits_per_byte, evaluate, split_text
+    from burrow.run import load_run, prepared_data_of
+    from burrow.train.trainer import prepare_data
+
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise UserError(f"--max-tokens must be positive, got {args.max_tokens}")
+    device = _device(args.device)
+    model, tokenizer, cfg = load_run(args.run, device=device)
+    if args.data:
+        dataset, described = tokenize_source(_source(args.data), tokenizer,
+                                             text_field=cfg.data.text_field), args.data
+    else:
+        prepared = prepared_data_of(Path(args.run)) or prepare_data(cfg, progress=False)
+        dataset, described = TokenDataset(prepared, "val"), "held-out split"
+    result = evaluate(model, dataset, seq_len=cfg.train.seq_len, batch_size=args.batch_size,
+                      device=device, max_tokens=args.max_tokens)
+    text = split_text(dataset, tokenizer, max_tokens=result["tokens"] + 1)
+    nats = result["loss"] * result["tokens"]
+    result.update(bits_per_byte=nats / torch.log(torch.tensor(2.0)).item() / len(text),
+                  bytes=len(text), bytes_estimated=False, data=described)
+    result.update(compressor_bits_per_byte(text))
+    return result
+
+
+def format_eval(result: dict[str, Any]) -> str:
+    return (f"{result['data']}: {result['tokens']:,} tokens, {result['bytes']:,} bytes\n"
+            f"loss        {result['loss']:.4f} nats/token\n"
+            f"perplexity  {result['perplexity']:.2f}\n"
+            f"bits/byte   {result['bits_per_byte']:.3f}   (gzip -9: "
+            f"{result['gzip_bits_per_byte']:.3f}, xz -9e: {result['xz_bits_per_byte']:.3f})")
+
+
+def generate_command(args: argparse.Namespace) -> str:
+    """The prompt and its continuation. Generation starts after a document separator."""
+    from burrow.run import load_run
+
+    device = _device(args.device)
+    model, tokenizer, cfg = load_run(args.run, device=device)
+    ids = [tokenizer.eos_id] + tokenizer.encode(args.prompt)
+    context = cfg.model.max_seq_len
+    if len(ids) >= context:
+        raise UserError(f"the prompt is {len(ids) - 1} tokens; the model's context is {context} "
+                        "tokens: shorten the prompt")
+    new_tokens = args.max_new_tokens
+    if len(ids) + new_tokens > context:
+        new_tokens = context - len(ids)
+        print(f"burrow: note: generating {new_tokens} tokens, all that fit in the context of "
+              f"{context}", file=sys.stderr)
+    out = model.generate(torch.tensor([ids], device=device), new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed, eos_id=tokenizer.eos_id)
+    return tokenizer.decode([i for i in out[0, 1:].tolist() if i != tokenizer.eos_id])
+
+
+def presets_command(args: argparse.Namespace) -> dict[str, Any]:
+    return {"presets": presets.table_rows(seq_len=args.seq_len)}
+
+
+def _count(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def format_presets(result: dict[str, Any]) -> str:
+    header = (f"{'name':<14} {'params':>9} {'non-emb':>9} {'FLOPs/token':>12} "
+              f"{'published':>10}  source")
+    lines = [header, "-" * len(header)]
+    for row in result["presets"]:
+        lines.append(f"{row['name']:<14} {_count(row['params']):>9} "
+                     f"{_count(row['non_embedding_params']):>9} "
+                     f"{row['flops_per_token']:>12.3g} {_count(row.get('published_params')):>10}"
+                     f"  {row.get('source') or ''}")
+    return "\n".join(lines)
+
+
+def prepare_command(args: argparse.Namespace) -> dict[str, Any]:
+    from burrow.data import TokenDataset, prepare
+
+    prepared = prepare(_source(args.data), vocab_size=args.vocab_size,
+                       val_fraction=args.val_fraction, text_field=args.text_field,
+                       model_type=args.tokenizer_type,
+                       out_dir=Path(args.out) if args.out else None, progress=not args.json)
+    result: dict[str, Any] = {"prepared": str(prepared), "vocab_size": args.vocab_size}
+    for split in ("train", "val"):
+        dataset = TokenDataset(prepared, split)
+        result[split] = {"tokens": dataset.num_tokens, "bytes": dataset.num_bytes,
+                         "documents": dataset.num_documents}
+    return result
+
+
+def format_prepare(result: dict[str, Any]) -> str:
+    lines = [f"prepared: {result['prepared']}"]
+    for split in ("train", "val"):
+        part = result[split]
+        lines.append(f"{split:<5} {part['documents']:>7,} documents {part['tokens']:>12,} tokens "
+                     f"{part['bytes']:>13,} bytes ({part['bytes'] / max(1, part['tokens']):.2f} "
+                     "bytes/token)")
+    return "\n".join(lines)
+
+
+def tokenizer_command(args: argparse.Namespace) -> str:
+    from burrow.data import train_tokenizer
+
+    path = train_tokenizer(_source(args.data), vocab_size=args.vocab_size, out_dir=Path(args.out),
+                           val_fraction=args.val_fraction, text_field=args.text_field,
+                           model_type=args.tokenizer_type)
+    return f"tokenizer: {path}"

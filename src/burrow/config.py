@@ -1,0 +1,367 @@
+"""One typed config tree per run: ModelConfig, TrainConfig, DataConfig inside RunConfig.
+
+Every field has a default and a one-line docstring (the comment above it). Configs validate
+themselves and raise `UserError` naming the field and the fix; they round-trip through YAML and
+accept dotted overrides (`--set model.d_model=384`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from burrow.errors import UserError
+
+FFN_KINDS = ("swiglu", "gelu")
+NORM_KINDS = ("rmsnorm", "layernorm")
+POSITION_KINDS = ("rope", "relative", "learned")
+BLOCK_KINDS = ("serial", "parallel")
+INIT_KINDS = ("gpt2", "fan_in")
+
+
+def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise UserError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(value: float, name: str) -> None:
+    if not value > 0:
+        raise UserError(f"{name} must be positive, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a decoder-only transformer language model."""
+
+    # Number of token ids; the tokenizer's vocabulary size.
+    vocab_size: int = 8192
+    # Width of the residual stream.
+    d_model: int = 256
+    # Number of transformer blocks.
+    n_layers: int = 6
+    # Number of query heads.
+    n_heads: int = 8
+    # Number of key/value heads: n_heads = MHA, 1 = MQA (PaLM), in between = GQA; None = n_heads.
+    n_kv_heads: int | None = None
+    # Width of one attention head; None = d_model // n_heads.
+    head_dim: int | None = None
+    # Hidden width of the MLP; None = 4 * d_model (gelu) or 8/3 * d_model rounded up to 8 (swiglu).
+    d_ff: int | None = None
+    # MLP kind: "swiglu" (PaLM) or "gelu" (GPT-2/3, Gopher).
+    ffn: str = "swiglu"
+    # Normalisation: "rmsnorm" (Gopher, Llama) or "layernorm" (GPT-3, PaLM).
+    norm: str = "rmsnorm"
+    # Positions: "rope" (PaLM), "relative" (Transformer-XL, Gopher) or "learned" (GPT-2/3).
+    positions: str = "rope"
+    # Block: "serial" (attention then MLP) or "parallel" (PaLM: x + attn(n(x)) + mlp(n(x))).
+    block: str = "serial"
+    # Share the input embedding with the output projection.
+    tie_embeddings: bool = False
+    # Biases in the linear layers and layernorms.
+    bias: bool = False
+    # Coefficient of the softmax normaliser loss z_loss * log(Z)^2 (PaLM: 1e-4); 0 = off.
+    z_loss: float = 0.0
+    # Longest sequence the model accepts (and the length of learned position tables).
+    max_seq_len: int = 256
+    # Dropout probability on attention weights and residual branches.
+    dropout: float = 0.0
+    # Weight init: "gpt2" (N(0, 0.02), residual outputs / sqrt(2L)) or "fan_in" (PaLM §2).
+    init: str = "gpt2"
+    # Base of the rotary frequencies.
+    rope_theta: float = 10000.0
+    # Epsilon of the normalisation layers.
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads with the default resolved."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        """Per-head width with the default resolved."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def ffn_size(self) -> int:
+        """MLP hidden width with the default resolved."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.ffn == "gelu":
+            return 4 * self.d_model
+        return -(-8 * self.d_model // 3 // 8) * 8
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if the combination is invalid."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            _positive(getattr(self, name), f"model.{name}")
+        _choice(self.ffn, FFN_KINDS, "model.ffn")
+        _choice(self.norm, NORM_KINDS, "model.norm")
+        _choice(self.positions, POSITION_KINDS, "model.positions")
+        _choice(self.block, BLOCK_KINDS, "model.block")
+        _choice(self.init, INIT_KINDS, "model.init")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise UserError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "change one of them or set model.head_dim"
+            )
+        _positive(self.head_size, "model.head_dim")
+        _positive(self.kv_heads, "model.n_kv_heads")
+        if self.n_heads % self.kv_heads:
+            raise UserError(
+                f"model.n_heads={self.n_heads} must be a multiple of "
+                f"model.n_kv_heads={self.kv_heads} (MHA: equal, MQA: 1, GQA: a divisor)"
+            )
+        if self.positions == "rope" and self.head_size % 2:
+            raise UserError(f"rotary positions need an even model.head_dim, got {self.head_size}")
+        _positive(self.ffn_size, "model.d_ff")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.z_loss < 0:
+            raise UserError(f"model.z_loss must be >= 0, got {self.z_loss}")
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        """Exact parameter count of `Transformer(self)`, computed without allocating.
+
+        With `embeddings=False`, the token embedding, the untied output head and learned
+        position tables are left out (Kaplan et al.'s non-embedding parameters).
+        """
+        d, heads, kv = self.d_model, self.n_heads, self.kv_heads
+        hd, ff = self.head_size, self.ffn_size
+        b = int(self.bias)
+        attention = d * heads * hd + 2 * d * kv * hd + heads * hd * d
+        attention += b * (heads * hd + 2 * kv * hd + d)
+        if self.positions == "relative":
+            # Transformer-XL §3.3: W_R projects the sinusoidal encodings; u and v per head.
+            attention += d * heads * hd + 2 * heads * hd
+        mlp = (3 if self.ffn == "swiglu" else 2) * d * ff
+        mlp += b * ((2 * ff if self.ffn == "swiglu" else ff) + d)
+        norm = d * (1 + (self.norm == "layernorm" and self.bias))
+        norms_per_block = 1 if self.block == "parallel" else 2
+        block = attention + mlp + norms_per_block * norm
+        total = self.n_layers * block + norm
+        if embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            if self.positions == "learned":
+                total += self.max_seq_len * d
+        return total
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained: steps, batch, optimiser, schedule, precision, checkpoints."""
+
+    # Number of optimiser steps.
+    max_steps: int = 1000
+    # Tokens per optimiser step (batch_size * seq_len * accumulation * world size).
+    batch_tokens: int = 8192
+    # Sequences per forward pass; gradient accumulation fills batch_tokens.
+    micro_batch_size: int = 16
+    # Tokens per training sequence; at most model.max_seq_len.
+    seq_len: int = 256
+    # Peak learning rate.
+    lr: float = 3e-3
+    # Final learning rate as a fraction of lr (Gopher: cosine decay to 10%).
+    min_lr_ratio: float = 0.1
+    # Linear warmup steps from warmup_init_lr to lr.
+    warmup_steps: int = 100
+    # Learning rate at step 0 (Gopher: 1e-7).
+    warmup_init_lr: float = 1e-7
+    # Schedule after warmup: "cosine" (Gopher), "constant" or "wsd" (warmup-stable-decay).
+    schedule: str = "cosine"
+    # Fraction of the steps spent in the final linear decay of the "wsd" schedule.
+    decay_fraction: float = 0.2
+    # AdamW weight decay on matrices (Gopher's Adam = AdamW with 0).
+    weight_decay: float = 0.1
+    # AdamW beta1.
+    beta1: float = 0.9
+    # AdamW beta2.
+    beta2: float = 0.95
+    # AdamW epsilon.
+    eps: float = 1e-8
+    # Clip the global gradient norm to this value; 0 = off.
+    grad_clip: float = 1.0
+    # Evaluate on held-out data every N steps (and at the end); 0 = only at the end.
+    eval_every: int = 200
+    # Held-out tokens per periodic evaluation (the final `burrow eval` uses all of them).
+    eval_tokens: int = 65536
+    # Write a checkpoint every N steps (and at the end); 0 = only at the end.
+    save_every: int = 500
+    # Checkpoints kept on disk (the newest); 0 = keep all.
+    keep_checkpoints: int = 2
+    # Print a progress line every N steps.
+    log_every: int = 10
+    # Seed of the data order, the init and dropout.
+    seed: int = 0
+    # torch.compile the model.
+    compile: bool = False
+    # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", "mps".
+    device: str = "auto"
+    # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16".
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a value is invalid."""
+        for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "lr", "log_every"):
+            _positive(getattr(self, name), f"train.{name}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "grad_clip",
+                     "weight_decay", "eval_tokens"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _choice(self.schedule, ("cosine", "constant", "wsd"), "train.schedule")
+        _choice(self.precision, ("auto", "fp32", "bf16"), "train.precision")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise UserError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is tokenized and split."""
+
+    # "stdlib" (the running Python's standard library), a file, a directory, a .jsonl file,
+    # or a prepared directory.
+    source: str = "stdlib"
+    # Field holding the text in .jsonl sources.
+    text_field: str = "text"
+    # Fraction of documents held out for validation (split by document, deterministic).
+    val_fraction: float = 0.02
+    # Tokenizer algorithm: "bpe" or "unigram" (sentencepiece).
+    tokenizer_type: str = "bpe"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a value is invalid."""
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _choice(self.tokenizer_type, ("bpe", "unigram"), "data.tokenizer_type")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; saved as config.yaml in the run directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Name of the preset the model came from, for the record.
+    preset: str | None = None
+
+    def validate(self) -> None:
+        """Check each part and the constraints between them."""
+        self.model.validate()
+        self.train.validate()
+        self.data.validate()
+        if self.train.seq_len > self.model.max_seq_len:
+            raise UserError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}; lower --seq-len or raise model.max_seq_len"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        raw = dict(raw)
+        parts = {name: _build(kind, raw.pop(name, {}) or {}, name)
+                 for name, kind in (("model", ModelConfig), ("train", TrainConfig),
+                                    ("data", DataConfig))}
+        preset = raw.pop("preset", None)
+        if raw:
+            raise UserError(f"unknown config section(s): {', '.join(sorted(raw))}")
+        cfg = cls(preset=preset, **parts)
+        cfg.validate()
+        return cfg
+
+    def save(self, path: Path) -> None:
+        """Write the resolved config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise UserError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections")
+        return cls.from_dict(raw)
+
+
+def _build(kind: type, values: dict[str, Any], section: str) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"config section {section!r} must be a mapping")
+    names = [f.name for f in dataclasses.fields(kind)]
+    for key in values:
+        if key not in names:
+            raise UserError(f"unknown field {section}.{key}{_suggest(key, names, section)}")
+    hints = get_type_hints(kind)
+    return kind(**{key: _coerce(value, hints[key], f"{section}.{key}")
+                   for key, value in values.items()})
+
+
+def _suggest(name: str, names: list[str], section: str) -> str:
+    close = difflib.get_close_matches(name, names, n=3)
+    return f" (did you mean {', '.join(f'{section}.{c}' for c in close)}?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise UserError."""
+    text = getattr(hint, "__name__", str(hint))
+    if value is None:
+        if "None" in text:
+            return None
+        raise UserError(f"{name} cannot be empty")
+    try:
+        if hint is bool or text == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int or text.startswith("int"):
+            if isinstance(value, str) and value.lower() in ("none", "null") and "None" in text:
+                return None
+            number = float(value)
+            if number != int(number):
+                raise ValueError(value)
+            return int(number)
+        if hint is float or text.startswith("float"):
+            return float(value)
+        if isinstance(value, str) and value.lower() in ("none", "null") and "None" in text:
+            return None
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}={value!r} is not a valid {text}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.field=value` overrides (the CLI's --set) and validate the result."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or section not in ("model", "train", "data"):
+            raise UserError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of "
+                            "model, train, data (e.g. --set model.d_model=384)")
+        raw[section][name] = yaml.safe_load(value) if value.strip() else None
+    return RunConfig.from_dict(raw)

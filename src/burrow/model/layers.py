@@ -1,0 +1,162 @@
+"""The parts of a transformer block: norms, positions, attention, MLPs, the KV cache.
+
+Each class is one idea from a paper; `forward` follows the paper's equations. Shapes use
+B batch, T query length, S key length, H query heads, K key/value heads, D head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from burrow.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """RMSNorm (Gopher, Llama) or LayerNorm (GPT-3, PaLM; bias only when cfg.bias)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rotary_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's angles (Su et al. 2021) for integer `positions`, each (T, D)."""
+    half = cfg.head_size // 2
+    exponents = torch.arange(half, device=positions.device, dtype=torch.float32) / half
+    inverse_frequency = cfg.rope_theta ** -exponents
+    angles = positions.float()[:, None] * inverse_frequency[None, :]  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # the rotate-half layout of Llama
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+D/2}) of x (B, heads, T, D) by its position's angle."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def sinusoid_table(length: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Sinusoidal encodings (Vaswani et al.) of 0..length-1, as in Transformer-XL: (L, dim)."""
+    inverse_frequency = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    angles = torch.arange(length, device=device).float()[:, None] * inverse_frequency[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class RelativePositionBias(nn.Module):
+    """Transformer-XL relative attention (Dai et al. 2019, §3.3), as Gopher uses it.
+
+    score(i, j) = (q_i + u) . k_j + (q_i + v) . W_R r_{i-j}, with r the sinusoidal encoding of
+    the distance i - j. The first term is ordinary attention on q + u; this module returns the
+    second term, scaled like the first, as an additive bias over the (T, S) score matrix.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.d_model = cfg.n_heads, cfg.head_size, cfg.d_model
+        self.W_R = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_size, bias=False)
+        self.u = nn.Parameter(torch.zeros(cfg.n_heads, 1, cfg.head_size))
+        self.v = nn.Parameter(torch.zeros(cfg.n_heads, 1, cfg.head_size))
+
+    def forward(self, q: torch.Tensor, query_start: int, key_length: int) -> torch.Tensor:
+        # q: (B, H, T, D) for absolute positions query_start .. query_start + T - 1
+        T = q.shape[2]
+        encodings = sinusoid_table(key_length, self.d_model, q.device).to(q.dtype)
+        r = self.W_R(encodings).view(key_length, self.n_heads, self.head_dim)  # (S, H, D)
+        by_distance = torch.einsum("bhtd,shd->bhts", q + self.v, r)  # column s = distance s
+        query_pos = torch.arange(query_start, query_start + T, device=q.device)
+        distance = query_pos[:, None] - torch.arange(key_length, device=q.device)[None, :]
+        index = distance.clamp(min=0).expand(*by_distance.shape[:2], T, key_length)
+        bias = by_distance.gather(-1, index) / math.sqrt(self.head_dim)
+        return bias.masked_fill(distance < 0, float("-inf"))  # causal: no future keys
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated for `max_length` positions."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, cfg.kv_heads, max_length, cfg.head_size)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, K, T, D) at positions start.. and return all keys and values so far."""
+        end = start + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with MHA, GQA or MQA (PaLM: one shared key/value head)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.dropout = layer, cfg.dropout
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        inner, kv_inner = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+        self.q_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
+        self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.relative = RelativePositionBias(cfg) if cfg.positions == "relative" else None
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)
+        S = k.shape[2]
+        mask, causal = None, False
+        if self.relative is not None:
+            mask = self.relative(q, start, S)
+            q = q + self.relative.u
+        elif T == S:
+            causal = True
+        elif T > 1:  # a chunk of queries after cached keys: each sees the past and itself
+            query_pos = torch.arange(start, start + T, device=x.device)
+            mask = torch.arange(S, device=x.device)[None, :] <= query_pos[:, None]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.n_heads,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """Shazeer 2020's gated MLP, as in PaLM: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """The two-layer MLP of GPT-2/3 and Gopher: down(gelu(up(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    """The dense feed-forward layer chosen by cfg.ffn."""
+    return SwiGLU(cfg) if cfg.ffn == "swiglu" else GeluMLP(cfg)

@@ -1,0 +1,89 @@
+"""What a run tells its user: the progress line, metrics.jsonl and loss.png."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl: one JSON object per line, flushed as it is written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        return rows
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (work lost when resuming from that checkpoint)."""
+        kept = [row for row in self.rows() if row.get("step", 0) <= step]
+        staging = self.path.with_suffix(".jsonl.tmp")
+        staging.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(staging, self.path)
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m', 125 -> '2m05s', 7 -> '7s'."""
+    seconds = max(0, int(round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def progress_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: float,
+                  tokens_per_second: float, mfu: float | None, eta_seconds: float) -> str:
+    """One greppable line: step/total, loss, lr, grad norm, tokens/s, MFU, ETA."""
+    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+    width = len(str(max_steps))
+    return (f"step {step:>{width}}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"grad {grad_norm:.3f} | {tokens_per_second:,.0f} tok/s | MFU {mfu_text} | "
+            f"ETA {format_duration(eta_seconds)}")
+
+
+def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Train and validation loss against step, written as a PNG with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
+    val = [(r["step"], r["loss"]) for r in rows if r.get("split") == "val"]
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        axis.plot(*zip(*train), label="train", linewidth=1.2)
+    if val:
+        axis.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=4)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (nats per token)")
+    finite = [loss for _, loss in train + val if math.isfinite(loss)]
+    if finite:
+        low, high = min(finite), sorted(finite)[int(0.98 * (len(finite) - 1))]
+        axis.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9))
+    axis.grid(alpha=0.3)
+    axis.legend()
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    staging = Path(path).with_suffix(".tmp.png")
+    figure.savefig(staging)
+    plt.close(figure)
+    os.replace(staging, path)

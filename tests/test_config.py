@@ -1,0 +1,88 @@
+"""Configs: validation names the field and the fix; YAML and --set round trips."""
+
+import dataclasses
+
+import pytest
+
+from burrow import ModelConfig, RunConfig, TrainConfig, UserError
+from burrow.config import apply_overrides
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(d_model=100, n_heads=3), "model.d_model=100 is not divisible by model.n_heads=3"),
+    (dict(n_heads=8, n_kv_heads=3), "model.n_kv_heads=3"),
+    (dict(ffn="relu"), "model.ffn='relu' is not one of swiglu, gelu"),
+    (dict(positions="alibi"), "model.positions"),
+    (dict(norm="batchnorm"), "model.norm"),
+    (dict(block="sandwich"), "model.block"),
+    (dict(d_model=96, n_heads=32), "even model.head_dim"),
+    (dict(dropout=1.0), "model.dropout"),
+    (dict(z_loss=-1), "model.z_loss"),
+    (dict(vocab_size=0), "model.vocab_size must be positive"),
+])
+def test_invalid_model_configs_name_the_field(fields, words):
+    with pytest.raises(UserError, match=words.replace("(", r"\(").replace(".", r"\.")):
+        ModelConfig(**fields)
+
+
+def test_defaults_resolve():
+    cfg = ModelConfig(d_model=256, n_heads=8)
+    assert (cfg.kv_heads, cfg.head_size, cfg.ffn_size) == (8, 32, 688)  # 8/3 * 256 -> 688
+    assert ModelConfig(d_model=256, ffn="gelu").ffn_size == 1024
+
+
+def test_train_config_validation():
+    with pytest.raises(UserError, match="train.schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(UserError, match="train.lr must be positive"):
+        TrainConfig(lr=0)
+    cfg = RunConfig(model=ModelConfig(max_seq_len=128), train=TrainConfig(seq_len=256))
+    with pytest.raises(UserError, match="exceeds model.max_seq_len"):
+        cfg.validate()
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = RunConfig(model=ModelConfig(n_kv_heads=2, positions="relative", z_loss=1e-4),
+                    train=TrainConfig(lr=1e-3, compile=True), preset="custom")
+    cfg.save(tmp_path / "config.yaml")
+    assert RunConfig.load(tmp_path / "config.yaml") == cfg
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = apply_overrides(RunConfig(), ["model.d_model=384", "model.n_heads=6",
+                                        "train.lr=2e-4", "train.compile=true",
+                                        "model.n_kv_heads=null"])
+    assert cfg.model.d_model == 384 and cfg.train.lr == 2e-4 and cfg.train.compile is True
+    assert cfg.model.n_kv_heads is None
+    with pytest.raises(UserError, match="did you mean model.d_model"):
+        apply_overrides(RunConfig(), ["model.d_modle=3"])
+    with pytest.raises(UserError, match="not a valid int"):
+        apply_overrides(RunConfig(), ["model.n_layers=2.5"])
+    with pytest.raises(UserError, match="SECTION.FIELD=VALUE"):
+        apply_overrides(RunConfig(), ["d_model=3"])
+
+
+def test_bad_yaml_files(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: [1, 2")
+    with pytest.raises(UserError, match="not valid YAML"):
+        RunConfig.load(path)
+    path.write_text("modle: {}")
+    with pytest.raises(UserError, match="unknown config section"):
+        RunConfig.load(path)
+    with pytest.raises(UserError, match="does not exist"):
+        RunConfig.load(tmp_path / "missing.yaml")
+
+
+def test_every_field_is_documented():
+    import inspect
+
+    from burrow import config
+
+    source = inspect.getsource(config)
+    for kind in (ModelConfig, TrainConfig):
+        for field in dataclasses.fields(kind):
+            line = next(line for line in source.splitlines()
+                        if line.strip().startswith(f"{field.name}:"))
+            previous = source.splitlines()[source.splitlines().index(line) - 1].strip()
+            assert previous.startswith("#"), f"{kind.__name__}.{field.name} has no comment"

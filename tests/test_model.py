@@ -1,0 +1,244 @@
+"""The transformer against naive references: attention, positions, losses, generation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from burrow import ModelConfig, Transformer, UserError
+from burrow.model.layers import sinusoid_table
+from burrow.model.transformer import sample_next
+
+
+def tiny(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=48)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+VARIANTS = {
+    "rope-mha-serial": tiny(),
+    "rope-mqa-parallel": tiny(n_kv_heads=1, block="parallel", ffn="gelu", norm="layernorm"),
+    "rope-gqa": tiny(n_kv_heads=2, head_dim=12),
+    "relative-gopher": tiny(positions="relative", tie_embeddings=True, ffn="gelu"),
+    "learned-gpt3": tiny(positions="learned", bias=True, norm="layernorm", ffn="gelu",
+                         tie_embeddings=True),
+    "palm-fan-in": tiny(n_kv_heads=1, block="parallel", tie_embeddings=True, init="fan_in",
+                        z_loss=1e-4),
+}
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    # Non-zero u, v and biases so that the references test them too.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith((".u", ".v", "bias")):
+                parameter.normal_(std=0.1)
+    return model
+
+
+def naive_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    """The forward pass written out position by position, from the papers' equations."""
+    cfg = model.cfg
+    B, T = ids.shape
+    H, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_size
+    x = model.embed(ids)
+    if cfg.positions == "learned":
+        x = x + model.pos_embed.weight[:T]
+    for block in model.blocks:
+        attn = block.attn
+        h = block.attn_norm(x)
+        q = attn.q_proj(h).view(B, T, H, D)
+        k = attn.k_proj(h).view(B, T, K, D).repeat_interleave(H // K, dim=2)
+        v = attn.v_proj(h).view(B, T, K, D).repeat_interleave(H // K, dim=2)
+        if cfg.positions == "rope":
+            q = rope_by_complex_numbers(q, cfg.rope_theta)
+            k = rope_by_complex_numbers(k, cfg.rope_theta)
+        scores = torch.full((B, H, T, T), float("-inf"))
+        for i in range(T):
+            for j in range(i + 1):
+                if cfg.positions == "relative":
+                    rel = attn.relative
+                    r = rel.W_R(sinusoid_table(i - j + 1, cfg.d_model, x.device)[i - j])
+                    r = r.view(H, D)
+                    content = ((q[:, i] + rel.u[:, 0]) * k[:, j]).sum(-1)
+                    position = ((q[:, i] + rel.v[:, 0]) * r).sum(-1)
+                    scores[:, :, i, j] = (content + position) / math.sqrt(D)
+                else:
+                    scores[:, :, i, j] = (q[:, i] * k[:, j]).sum(-1) / math.sqrt(D)
+        weights = scores.softmax(-1)  # (B, H, T, T)
+        y = torch.einsum("bhij,bjhd->bihd", weights, v).reshape(B, T, H * D)
+        attended = attn.o_proj(y)
+        if cfg.block == "parallel":
+            x = x + attended + block.mlp(h)
+        else:
+            x = x + attended
+            x = x + block.mlp(block.mlp_norm(x))
+    x = model.norm(x)
+    weight = model.embed.weight if model.head is None else model.head.weight
+    return x @ weight.T * model.logit_scale
+
+
+def rope_by_complex_numbers(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE as a rotation in the complex plane of pairs (x_i, x_{i+D/2}): x * e^{i t w}."""
+    B, T, H, D = x.shape
+    half = D // 2
+    pairs = torch.complex(x[..., :half], x[..., half:])
+    frequency = theta ** (-torch.arange(half) / half)
+    angle = torch.arange(T)[:, None] * frequency[None, :]
+    rotated = pairs * torch.polar(torch.ones_like(angle), angle)[None, :, None, :]
+    return torch.cat([rotated.real, rotated.imag], dim=-1)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_forward_matches_naive_reference(name):
+    model = build(VARIANTS[name])
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, naive_logits(model, ids), atol=2e-5,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causal(name):
+    model = build(VARIANTS[name])
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    changed = ids.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % model.cfg.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[:, :7], model(changed).logits[:, :7])
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kv_cache_generation_equals_full_forward_passes(name):
+    model = build(VARIANTS[name])
+    prompt = torch.randint(0, model.cfg.vocab_size, (3, 5))
+    generated = model.generate(prompt, 30, temperature=0.0)
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(30):
+            next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    assert torch.equal(generated, sequence)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_chunked_prefill_with_cache_equals_one_pass(name):
+    from burrow.model import KVCache
+
+    model = build(VARIANTS[name])
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 14))
+    cache = KVCache(model.cfg, 2, 14, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        first = model(ids[:, :6], cache=cache).logits
+        second = model(ids[:, 6:], cache=cache, start=6).logits
+        torch.testing.assert_close(torch.cat([first, second], 1), model(ids).logits,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = build(VARIANTS["rope-mha-serial"])
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    a = model.generate(prompt, 20, temperature=1.0, top_k=5, seed=7)
+    b = model.generate(prompt, 20, temperature=1.0, top_k=5, seed=7)
+    assert torch.equal(a, b)
+    logits = torch.randn(4, 50)
+    allowed = logits.topk(5, dim=-1).indices
+    for seed in range(20):
+        token = sample_next(logits, 1.0, 5, None, torch.Generator().manual_seed(seed))
+        assert (allowed == token).any(dim=-1).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    seen = {int(sample_next(logits, 1.0, None, 0.75, torch.Generator().manual_seed(s)))
+            for s in range(200)}
+    assert seen == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3
+    seen = {int(sample_next(logits, 1.0, None, 0.81, torch.Generator().manual_seed(s)))
+            for s in range(300)}
+    assert seen == {0, 1, 2}
+
+
+def test_loss_is_cross_entropy_plus_z_loss():
+    cfg = tiny(z_loss=1e-2)
+    model = build(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    labels = torch.randint(0, cfg.vocab_size, (2, 10))
+    labels[0, :3] = -100
+    out = model(ids, labels)
+    logits = out.logits.reshape(-1, cfg.vocab_size)
+    flat = labels.reshape(-1)
+    valid = flat != -100
+    log_z = torch.logsumexp(logits[valid], -1)
+    cross_entropy = (log_z - logits[valid].gather(1, flat[valid, None])[:, 0]).mean()
+    torch.testing.assert_close(out.cross_entropy, cross_entropy)
+    torch.testing.assert_close(out.loss, cross_entropy + 1e-2 * (log_z ** 2).mean())
+
+
+def test_initial_loss_is_near_uniform():
+    cfg = tiny(vocab_size=512)
+    model = build(cfg)
+    ids = torch.randint(0, 512, (4, 32))
+    loss = model(ids, ids).cross_entropy.item()
+    assert abs(loss - math.log(512)) < 0.1
+
+
+def test_init_table():
+    cfg = tiny(d_model=256, n_layers=8, vocab_size=1000)
+    model = Transformer(cfg)
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    down = model.blocks[0].mlp.down_proj.weight.std().item()
+    assert down == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    palm = Transformer(tiny(d_model=256, vocab_size=1000, init="fan_in", tie_embeddings=True))
+    assert palm.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert palm.blocks[0].attn.q_proj.weight.std().item() == pytest.approx(256 ** -0.5, rel=0.05)
+
+
+def test_parameter_count_is_exact_on_meta_device():
+    for cfg in VARIANTS.values():
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+        embeddings = model.embed.weight.numel()
+        embeddings += 0 if model.head is None else model.head.weight.numel()
+        embeddings += 0 if model.pos_embed is None else model.pos_embed.weight.numel()
+        assert cfg.num_params(embeddings=False) == cfg.num_params() - embeddings
+
+
+def test_too_long_inputs_are_user_errors():
+    model = build(tiny(max_seq_len=16))
+    with pytest.raises(UserError, match="context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(UserError, match="context"):
+        model.generate(torch.zeros(1, 10, dtype=torch.long), 7)
+
+
+def test_gradients_reach_every_parameter():
+    for cfg in VARIANTS.values():
+        model = build(cfg).train()
+        ids = torch.randint(0, cfg.vocab_size, (2, 8))
+        model(ids, ids).loss.backward()
+        for name, parameter in model.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_dropout_only_in_training():
+    model = build(tiny(dropout=0.5))
+    ids = torch.randint(0, 61, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model(ids).logits)
+        model.train()
+        assert not torch.allclose(model(ids).logits, model(ids).logits)
+
+
+def test_bf16_autocast_forward_runs():
+    model = build(tiny())
+    ids = torch.randint(0, 61, (1, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, ids)
+    assert out.loss.dtype == torch.float32
+    assert F.mse_loss(out.logits.float(), model(ids).logits).item() < 1e-2
