@@ -1,0 +1,168 @@
+"""The training loop: schedule, resume exactness, atomic checkpoints, golden losses, signals."""
+
+import json
+import math
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from burrow import TrainConfig, UserError, load_run
+from burrow.train import Trainer, train
+from burrow.train.checkpoint import latest_checkpoint, list_checkpoints
+from burrow.train.optim import build_optimizer, learning_rate
+from conftest import tiny_run_config
+
+GOLDEN = Path(__file__).parent / "golden" / "micro_losses.json"
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if row["split"] == "train"]
+
+
+def test_gopher_schedule():
+    cfg = TrainConfig(max_steps=1000, lr=2e-4, warmup_steps=100, warmup_init_lr=1e-7)
+    assert learning_rate(0, cfg) == pytest.approx(1e-7)
+    assert learning_rate(50, cfg) == pytest.approx(1e-7 + (2e-4 - 1e-7) / 2)
+    assert learning_rate(100, cfg) == pytest.approx(2e-4)
+    assert learning_rate(550, cfg) == pytest.approx(2e-5 + 0.5 * 1.8e-4)  # half-way down
+    assert learning_rate(1000, cfg) == pytest.approx(2e-5)  # Gopher: 10% of the maximum
+    rates = [learning_rate(step, cfg) for step in range(100, 1001)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_constant_and_wsd_schedules():
+    constant = TrainConfig(max_steps=100, lr=1e-3, warmup_steps=10, schedule="constant")
+    assert learning_rate(10, constant) == learning_rate(99, constant) == 1e-3
+    wsd = TrainConfig(max_steps=100, lr=1e-3, warmup_steps=10, schedule="wsd",
+                      decay_fraction=0.2, min_lr_ratio=0.0)
+    assert learning_rate(79, wsd) == 1e-3
+    assert learning_rate(90, wsd) == pytest.approx(5e-4)
+    assert learning_rate(100, wsd) == pytest.approx(0.0)
+
+
+def test_weight_decay_only_on_matrices():
+    from burrow import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2,
+                                    positions="relative", bias=True, norm="layernorm"))
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 for p in decayed["params"])
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in plain["params"]} == {"weight", "bias",
+                                                                          "u", "v"}
+
+
+def test_training_learns_and_writes_a_complete_run(tmp_path):
+    cfg = tiny_run_config(max_steps=30, eval_every=15, save_every=15)
+    summary = train(cfg, tmp_path / "run", verbose=False)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "tokenizer.model", "metrics.jsonl", "loss.png", "samples.txt",
+                 "data.json"):
+        assert (run / name).is_file(), name
+    assert [p.name for p in list_checkpoints(run)] == ["step_15", "step_30"]
+    losses = summary["train_losses"]
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.3  # it learns
+    assert losses[0] == pytest.approx(math.log(512), abs=0.15)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [row for row in rows if row["split"] == "val"]
+    assert [row["step"] for row in val] == [15, 30]
+    assert all({"step", "loss", "lr"} <= set(row) for row in rows)
+    model, tokenizer, loaded_cfg = load_run(run)
+    assert loaded_cfg == cfg
+    ids = torch.tensor([tokenizer.encode("def f(x):")])
+    assert model.generate(ids, 5, temperature=0).shape == (1, ids.shape[1] + 5)
+
+
+def test_resume_gives_the_same_losses_as_not_stopping(tmp_path, monkeypatch):
+    cfg = tiny_run_config(max_steps=20)
+    straight = losses_of(Path(train(cfg, tmp_path / "straight", verbose=False)["run_dir"]))
+
+    # A signal arriving during step 10: the loop finishes the step, saves and stops.
+    original = Trainer.train_step
+
+    def stop_after_ten(self):
+        result = original(self)
+        if self.step == 10:
+            self._on_signal(2, None)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_ten)
+    first = train(cfg, tmp_path / "stopped", verbose=False)
+    assert first["interrupted"] and first["step"] == 10
+    monkeypatch.setattr(Trainer, "train_step", original)
+    second = train(cfg, tmp_path / "stopped", resume=True, verbose=False)
+    assert second["step"] == 20 and not second["interrupted"]
+    assert losses_of(tmp_path / "stopped") == straight  # exactly, not approximately
+
+
+def test_resume_refuses_other_data(tmp_path):
+    cfg = tiny_run_config(max_steps=4)
+    train(cfg, tmp_path / "run", verbose=False)
+    other = tmp_path / "other"
+    shutil.copytree(Path(cfg.data.source), other)
+    (other / "extra.txt").write_text("some different text\n" * 200)
+    cfg.train.max_steps = 8
+    cfg.data.source = str(other)
+    with pytest.raises(UserError, match="other data"):
+        train(cfg, tmp_path / "run", resume=True, verbose=False)
+    assert train(cfg, tmp_path / "run", resume=True, allow_data_change=True,
+                 verbose=False)["step"] == 8
+
+
+def test_fresh_run_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path):
+    cfg = tiny_run_config(max_steps=2)
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(cfg, tmp_path / "run", resume=True, verbose=False)
+    train(cfg, tmp_path / "run", verbose=False)
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg, tmp_path / "run", verbose=False)
+
+
+def test_a_half_written_checkpoint_is_ignored(tmp_path):
+    cfg = tiny_run_config(max_steps=4, save_every=2, keep_checkpoints=0)
+    train(cfg, tmp_path / "run", verbose=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.copytree(checkpoints / "step_4", checkpoints / "step_6.tmp")  # a crash mid-write
+    (checkpoints / "step_6.tmp" / "model.safetensors").write_bytes(b"\0" * 10)
+    assert latest_checkpoint(tmp_path / "run").name == "step_4"
+    cfg.train.max_steps = 6
+    assert train(cfg, tmp_path / "run", resume=True, verbose=False)["step"] == 6
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    one = train(tiny_run_config(max_steps=3, batch_tokens=512, micro_batch_size=8),
+                tmp_path / "one", verbose=False)["train_losses"]
+    two = train(tiny_run_config(max_steps=3, batch_tokens=512, micro_batch_size=4),
+                tmp_path / "two", verbose=False)["train_losses"]
+    # Same 8 sequences per step, split into 2 micro-batches: equal up to float summation order.
+    assert one == pytest.approx(two, rel=1e-5)
+
+
+def platform_key() -> dict:
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "machine": platform.machine()}
+
+
+def test_golden_losses(tmp_path):
+    """A short deterministic run's per-step losses, committed; a change must be deliberate.
+
+    Regenerate with BURROW_REGENERATE_GOLDEN=1 and say why in the commit.
+    """
+    import os
+
+    losses = train(tiny_run_config(max_steps=8), tmp_path / "run",
+                   verbose=False)["train_losses"]
+    if os.environ.get("BURROW_REGENERATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"platform": platform_key(), "losses": losses}, indent=1))
+    golden = json.loads(GOLDEN.read_text())
+    if golden["platform"] == platform_key():
+        assert losses == golden["losses"]  # bit for bit on the platform that wrote them
+    else:  # other kernels sum in another order: equal to float tolerance
+        assert losses == pytest.approx(golden["losses"], rel=1e-4)
