@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-RUN ?= runs/nano
+RUN ?= runs/demo
 
 .PHONY: setup demo test lint bench clean
 
@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/burrow train --preset nano --data stdlib --out $(RUN) --max-steps 600 \
-		--eval-every 200 --save-every 200
+	rm -rf $(RUN)
+	$(BIN)/burrow train --preset nano --data stdlib --out $(RUN) --max-steps 700 \
+		--batch-tokens 4096 --lr 3e-3 --warmup-steps 50 --eval-every 175 --save-every 350 \
+		--log-every 50
 	$(BIN)/burrow eval $(RUN)
 	$(BIN)/burrow generate $(RUN) --prompt "def " --max-new-tokens 120 --seed 0
 

@@ -153,7 +153,7 @@ def test_tiny_presets_sizes():
     sizes = {name: presets.get(name).num_params() for name in TINY}
     assert sizes["micro"] < sizes["nano"] < sizes["small"]
     assert 1.5e6 <= sizes["nano"] <= 2.5e6
-    assert 8e6 <= sizes["small"] <= 12e6
+    assert 3e6 <= sizes["small"] <= 6e6
     for name in TINY:
         cfg = presets.get(name)
         assert (cfg.vocab_size, cfg.max_seq_len, cfg.positions, cfg.ffn) == (4096, 256, "rope",

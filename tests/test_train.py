@@ -166,3 +166,22 @@ def test_golden_losses(tmp_path):
         assert losses == golden["losses"]  # bit for bit on the platform that wrote them
     else:  # other kernels sum in another order: equal to float tolerance
         assert losses == pytest.approx(golden["losses"], rel=1e-4)
+
+
+def test_a_single_file_trains_without_held_out_data(tmp_path):
+    from burrow.eval import evaluate
+
+    text = (Path(tiny_run_config().data.source) / "textwrap.py").read_text()
+    (tmp_path / "one.txt").write_text(text)
+    cfg = tiny_run_config(max_steps=3, eval_every=1)
+    cfg.data.source = str(tmp_path / "one.txt")
+    summary = train(cfg, tmp_path / "run", verbose=False)
+    assert summary["step"] == 3 and summary["val"] is None
+    assert (tmp_path / "run" / "loss.png").is_file()
+    from burrow.data import TokenDataset
+    from burrow.run import prepared_data_of
+
+    empty = TokenDataset(prepared_data_of(tmp_path / "run"), "val")
+    model, _, _ = load_run(tmp_path / "run")
+    with pytest.raises(UserError, match="no tokens to predict"):
+        evaluate(model, empty, seq_len=64)

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from burrow.config import TrainConfig
+from burrow.config import TrainConfig, field_docs
 from burrow.errors import UserError
 
 
@@ -25,16 +25,17 @@ def _flag(name: str) -> str:
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     """Every TrainConfig field becomes a flag of the same name (--max-steps, --lr, ...)."""
-    group = parser.add_argument_group("training (TrainConfig fields)")
+    group = parser.add_argument_group("training (TrainConfig fields; any field of any section "
+                                      "also with --set)")
+    docs = field_docs(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         kind = {"int": int, "float": float, "bool": str}.get(str(field.type), str)
-        help_text = f"default {field.default}"
-        if field.type == "bool":
-            group.add_argument(_flag(field.name), dest=f"train_{field.name}", nargs="?",
-                               const="true", default=None, metavar="BOOL", help=help_text)
-        else:
-            group.add_argument(_flag(field.name), dest=f"train_{field.name}", type=kind,
-                               default=None, help=help_text)
+        help_text = f"{docs.get(field.name, '')} (default {field.default})".replace("%", "%%")
+        metavar = "BOOL" if field.type == "bool" else field.name.upper()
+        group.add_argument(_flag(field.name), dest=f"train_{field.name}", type=kind,
+                           nargs="?" if field.type == "bool" else None,
+                           const="true" if field.type == "bool" else None,
+                           default=None, metavar=metavar, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

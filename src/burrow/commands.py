@@ -131,6 +131,12 @@ def _count(value: float | None) -> str:
     return f"{value:.0f}"
 
 
+def _short_source(source: str) -> str:
+    """'Rae et al. 2021, Scaling ... (Gopher), Table 1' -> 'Rae et al. 2021, Table 1'."""
+    parts = [part.strip() for part in source.split(",")]
+    return f"{parts[0]}, {parts[-1]}" if len(parts) > 2 else source
+
+
 def format_presets(result: dict[str, Any]) -> str:
     header = (f"{'name':<14} {'params':>9} {'non-emb':>9} {'FLOPs/token':>12} "
               f"{'published':>10}  source")
@@ -139,7 +145,7 @@ def format_presets(result: dict[str, Any]) -> str:
         lines.append(f"{row['name']:<14} {_count(row['params']):>9} "
                      f"{_count(row['non_embedding_params']):>9} "
                      f"{row['flops_per_token']:>12.3g} {_count(row.get('published_params')):>10}"
-                     f"  {row.get('source') or ''}")
+                     f"  {_short_source(row.get('source') or '')}")
     return "\n".join(lines)
 
 

@@ -305,6 +305,24 @@ class RunConfig:
         return cls.from_dict(raw)
 
 
+def field_docs(kind: type) -> dict[str, str]:
+    """Each field's one-line documentation: the comment above it in this file."""
+    import inspect
+
+    lines = inspect.getsource(kind).splitlines()
+    docs, comment = {}, []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped.lstrip("# "))
+            continue
+        name = stripped.split(":", 1)[0]
+        if comment and ":" in stripped and name.isidentifier():
+            docs[name] = " ".join(comment)
+        comment = []
+    return docs
+
+
 def _build(kind: type, values: dict[str, Any], section: str) -> Any:
     if not isinstance(values, dict):
         raise UserError(f"config section {section!r} must be a mapping")

@@ -91,9 +91,9 @@ _PRESETS: tuple[Preset, ...] = (
     # 4 x (4·128² + 3·128·344 + 2·128) + 128 + 2 x 4096·128 = 0.79M + 1.05M = 1.84M
     Preset("nano", _tiny(d_model=128, n_layers=4, n_heads=4),
            "1.8M parameters: the demo model, trained for ~4 minutes on 2 CPU cores", "burrow"),
-    # 8 x (4·256² + 3·256·688 + 2·256) + 256 + 2 x 4096·256 = 6.33M + 2.10M = 8.43M
-    Preset("small", _tiny(d_model=256, n_layers=8, n_heads=8),
-           "8.4M parameters: a better CPU model, ~30 minutes on 2 cores", "burrow"),
+    # 6 x (4·192² + 3·192·512 + 2·192) + 192 + 2 x 4096·192 = 2.66M + 1.57M = 4.23M
+    Preset("small", _tiny(d_model=192, n_layers=6, n_heads=6),
+           "4.2M parameters: a better CPU model, ~30 minutes on 2 cores", "burrow"),
     # 8 x (12·512² + 512² W_R + 2·512 u,v + 2·512 norms) + 512 + 32,000·512
     # = 27.28M + 16.38M = 43.66M (without W_R 41.6M, untied 60.0M)
     Preset("gopher-44m", _gopher(n_layers=8, n_heads=16, head_dim=32, d_model=512),

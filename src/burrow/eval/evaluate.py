@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from burrow.data import TokenDataset, Tokenizer, eval_batches
+from burrow.errors import UserError
 
 
 @torch.no_grad()
@@ -40,7 +41,9 @@ def evaluate(model: nn.Module, dataset: TokenDataset, *, seq_len: int, batch_siz
         predicted += count
     model.train(was_training)
     if predicted == 0:
-        raise ValueError("the evaluation split has no tokens to predict")
+        raise UserError("the evaluation data has no tokens to predict: with a single file or "
+                        "few documents the held-out split can be empty; raise "
+                        "data.val_fraction or pass --data")
     complete = predicted >= dataset.num_tokens - 1
     num_bytes = dataset.num_bytes * (1.0 if complete else predicted / dataset.num_tokens)
     loss = total_nats / predicted

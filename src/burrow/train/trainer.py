@@ -102,6 +102,10 @@ class Trainer:
                             f"model.vocab_size={self.tokenizer.vocab_size}")
         self.train_data = TokenDataset(prepared, "train")
         self.val_data = TokenDataset(prepared, "val")
+        if self.val_data.num_tokens < 2:
+            self.log("note: no held-out documents, so no evaluation during training (a single "
+                     "file is one document; raise --set data.val_fraction=... or add files)")
+            self.val_data = None
         self._write_run_files(prepared)
 
         torch.manual_seed(cfg.train.seed)
@@ -124,8 +128,8 @@ class Trainer:
                  f"({cfg.model.num_params(embeddings=False):,} without embeddings) on "
                  f"{self.device}; {self.tokens_per_step:,} tokens per step "
                  f"({cfg.train.micro_batch_size} x {cfg.train.seq_len} x {self.accumulation}); "
-                 f"data: {self.train_data.num_tokens:,} train / {self.val_data.num_tokens:,} "
-                 "val tokens")
+                 f"data: {self.train_data.num_tokens:,} train / "
+                 f"{self.val_data.num_tokens if self.val_data else 0:,} val tokens")
 
     def _write_run_files(self, prepared: Path) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +198,7 @@ class Trainer:
                      f"{self.run_dir}; continue with --resume")
             return self.summary()
         self.evaluate()
+        self.plot()
         self.save()
         self.write_sample()
         return self.summary()
@@ -249,7 +254,9 @@ class Trainer:
 
     # -- evaluation, checkpoints, samples ----------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float] | None:
+        if self.val_data is None:
+            return None
         result = evaluate(self.forward, self.val_data, seq_len=self.cfg.train.seq_len,
                           batch_size=self.cfg.train.micro_batch_size, device=self.device,
                           max_tokens=self.cfg.train.eval_tokens or None, autocast=self.autocast)
