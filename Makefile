@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/ruff check src tests bench
 
 bench: setup
-	@ls bench/*.py >/dev/null 2>&1 && for script in bench/*.py; do $(BIN)/python $$script; done
+	bench/run_all.sh $(BENCH_ARGS)
 
 clean:
 	rm -rf $(RUN) .pytest_cache .ruff_cache

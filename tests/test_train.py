@@ -185,3 +185,40 @@ def test_a_single_file_trains_without_held_out_data(tmp_path):
     model, _, _ = load_run(tmp_path / "run")
     with pytest.raises(UserError, match="no tokens to predict"):
         evaluate(model, empty, seq_len=64)
+
+
+def test_loss_spike_rolls_back_and_skips_data(tmp_path, monkeypatch):
+    """PaLM §5.1 with an injected spike: back to the checkpoint >= 4 steps earlier, skip 3."""
+    from burrow.train.spikes import SpikeDetector
+
+    cfg = tiny_run_config(max_steps=16, save_every=4, keep_checkpoints=0, spike_factor=1.5,
+                          spike_window=8, spike_rollback=4, spike_skip=3)
+    original = Trainer.train_step
+    spiked = []
+
+    def spiky(self):
+        loss, cross_entropy, grad_norm = original(self)
+        if self.step == 10 and not spiked:
+            spiked.append(True)
+            return loss * 3, cross_entropy, grad_norm
+        return loss, cross_entropy, grad_norm
+
+    monkeypatch.setattr(Trainer, "train_step", spiky)
+    summary = train(cfg, tmp_path / "run", verbose=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    events = [row for row in rows if row["split"] == "event"]
+    assert len(events) == 1
+    assert events[0]["step"] == 10 and events[0]["event"] == "loss_spike"
+    assert events[0]["rolled_back_to"] == 4 and events[0]["skipped_batches"] == 3  # 10 - 4 >= 4
+    assert summary["step"] == 16
+    # From step 4: 12 trained steps and 3 skipped, of 4 windows each.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    at_4 = torch.load(checkpoints / "step_4" / "trainer.pt", weights_only=True)["loader"]
+    at_16 = torch.load(checkpoints / "step_16" / "trainer.pt", weights_only=True)["loader"]
+    assert at_16["position"] - at_4["position"] == (12 + 3) * 4
+    assert not [row for row in rows if row["split"] == "train" and row["loss"] > 10]
+
+    detector = SpikeDetector(factor=2.0, window=8)
+    assert [detector.observe(x) for x in (3.0, 3.0, 7.0, 5.0)] == [None, None, 6.0, None]
+    assert SpikeDetector(factor=0.0, window=8).observe(1e9) is None  # off

@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "tokenizer on a source's training split")
     _add_data_flags(tokenizer_train)
     tokenizer_train.add_argument("--out", required=True, help="directory for tokenizer.model")
+
+    export_hf = commands.add_parser("export-hf", help="write a run's latest checkpoint as a "
+                                    "Hugging Face Llama directory")
+    export_hf.add_argument("run", help="run directory")
+    export_hf.add_argument("out", help="new directory for config.json, model.safetensors and "
+                           "the tokenizer")
+
+    import_hf = commands.add_parser("import-hf", help="make a run directory from a local "
+                                    "Hugging Face Llama directory")
+    import_hf.add_argument("dir", help="directory with config.json, safetensors weights and a "
+                           "sentencepiece tokenizer.model")
+    import_hf.add_argument("out", help="new run directory")
     return parser
 
 
@@ -134,6 +146,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _emit(commands.prepare_command(args), args.json, commands.format_prepare)
     if args.command == "tokenizer":
         print(commands.tokenizer_command(args))
+        return 0
+    if args.command == "export-hf":
+        print(commands.export_hf_command(args))
+        return 0
+    if args.command == "import-hf":
+        print(commands.import_hf_command(args))
         return 0
     raise AssertionError(args.command)
 

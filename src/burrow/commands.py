@@ -56,14 +56,14 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    from burrow.train.trainer import resolve_device
+    from burrow.parallel import resolve_device
 
     return resolve_device(name)
 
 
 def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     """Loss, perplexity, bits per byte, and gzip/xz bits per byte on the same bytes."""
-    from burrow.data import TokenDataset, tokenize_source
+    from burrow.data import TokenDataset, Tokenizer, tokenize_source
     from burrow.eval import compressor_bits_per_byte, evaluate, split_text
     from burrow.run import load_run, prepared_data_of
     from burrow.train.trainer import prepare_data
@@ -76,7 +76,11 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
         dataset, described = tokenize_source(_source(args.data), tokenizer,
                                              text_field=cfg.data.text_field), args.data
     else:
-        prepared = prepared_data_of(Path(args.run)) or prepare_data(cfg, progress=False)
+        prepared = (prepared_data_of(Path(args.run))
+                    or prepare_data(cfg, progress=False, run_dir=Path(args.run)))
+        if Tokenizer.load(prepared).fingerprint != tokenizer.fingerprint:
+            raise UserError(f"the held-out data of {args.run} was prepared with another "
+                            "tokenizer than the run's; evaluate with --data SOURCE instead")
         dataset, described = TokenDataset(prepared, "val"), "held-out split"
     result = evaluate(model, dataset, seq_len=cfg.train.seq_len, batch_size=args.batch_size,
                       device=device, max_tokens=args.max_tokens)
@@ -181,3 +185,19 @@ def tokenizer_command(args: argparse.Namespace) -> str:
                            val_fraction=args.val_fraction, text_field=args.text_field,
                            model_type=args.tokenizer_type)
     return f"tokenizer: {path}"
+
+
+def export_hf_command(args: argparse.Namespace) -> str:
+    from burrow.interop import export_hf
+
+    out = export_hf(args.run, args.out)
+    return (f"exported {args.run} to {out}: load it with "
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+def import_hf_command(args: argparse.Namespace) -> str:
+    from burrow.interop import import_hf
+
+    out = import_hf(args.dir, args.out)
+    return (f"imported {args.dir} to {out}: try `burrow generate {out}`, or fine-tune with "
+            f"`burrow train --out {out} --resume --data SOURCE --max-steps N`")

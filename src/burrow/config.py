@@ -207,6 +207,17 @@ class TrainConfig:
     device: str = "auto"
     # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16".
     precision: str = "auto"
+    # Data parallelism under torchrun: "none", "ddp" or "fsdp" (FSDP2, sharded checkpoints).
+    parallel: str = "none"
+    # Loss-spike recovery (PaLM §5.1): a loss above spike_factor x the mean of the last
+    # spike_window losses is a spike; 0 = off.
+    spike_factor: float = 0.0
+    # Steps of loss history the spike threshold is computed from.
+    spike_window: int = 100
+    # After a spike, resume from the newest checkpoint at least this many steps earlier.
+    spike_rollback: int = 100
+    # Optimiser steps' worth of data batches skipped after rolling back (PaLM: 200 to 500).
+    spike_skip: int = 300
 
     def __post_init__(self) -> None:
         self.validate()
@@ -216,11 +227,17 @@ class TrainConfig:
         for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "lr", "log_every"):
             _positive(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "grad_clip",
-                     "weight_decay", "eval_tokens"):
+                     "weight_decay", "eval_tokens", "spike_factor", "spike_rollback",
+                     "spike_skip"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         _choice(self.schedule, ("cosine", "constant", "wsd"), "train.schedule")
         _choice(self.precision, ("auto", "fp32", "bf16"), "train.precision")
+        _choice(self.parallel, ("none", "ddp", "fsdp"), "train.parallel")
+        if self.spike_factor and self.spike_factor <= 1.0:
+            raise UserError(f"train.spike_factor must be above 1 (or 0 = off), got "
+                            f"{self.spike_factor}")
+        _positive(self.spike_window, "train.spike_window")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 < self.decay_fraction <= 1.0:
@@ -240,6 +257,9 @@ class DataConfig:
     val_fraction: float = 0.02
     # Tokenizer algorithm: "bpe" or "unigram" (sentencepiece).
     tokenizer_type: str = "bpe"
+    # Tokenize with the run directory's own tokenizer.model instead of training one on the
+    # data: fine-tuning a model whose vocabulary is fixed (e.g. one imported with import-hf).
+    keep_tokenizer: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -83,6 +83,11 @@ class BatchLoader:
         windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
+    def skip_batches(self, count: int) -> None:
+        """Move past `count` batches without reading them (PaLM's skip after a loss spike)."""
+        for _ in range(count * self.batch_size):
+            self._next_start()
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next_batch()

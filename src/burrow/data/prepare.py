@@ -59,30 +59,36 @@ def prepare(
     out_dir: Path | None = None,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> Path:
     """Prepare source (see `iter_documents`) and return the prepared directory.
 
     The directory holds tokenizer.model, the train and val shards and manifest.json. The
-    tokenizer is trained on the train split only; documents are tokenized by num_workers
-    processes (default: one per CPU). A source that is already a prepared directory is returned
-    as it is, and so is an existing complete preparation of the same data and settings. Progress
-    goes to stderr when progress is true; warnings (skipped non-UTF-8 documents, an empty
-    validation split) always do, one line each.
+    tokenizer is trained on the train split only, unless a fixed `tokenizer` is given (then
+    vocab_size, model_type and the sample size are unused); documents are tokenized by
+    num_workers processes (default: one per CPU). A source that is already a prepared directory
+    is returned as it is, and so is an existing complete preparation of the same data and
+    settings. Progress goes to stderr when progress is true; warnings (skipped non-UTF-8
+    documents, an empty validation split) always do, one line each.
     """
     if source != STDLIB and read_manifest(Path(source).expanduser()) is not None:
         return Path(source).expanduser()
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     sample_bytes = tokenizer_sample_bytes or DEFAULT_SAMPLE_BYTES
-    settings = {
-        "tokenizer": {
+    if tokenizer is not None:  # a fixed vocabulary: the tokens depend on it alone
+        tokenizer_settings = {"file": MODEL_FILE, "fingerprint": tokenizer.fingerprint}
+    else:
+        tokenizer_settings = {
             "file": MODEL_FILE,
             "model_type": model_type,
             "vocab_size": vocab_size,
             "sample_bytes": sample_bytes,
             "seed": TOKENIZER_SEED,
             **TRAINER_OPTIONS,
-        },
+        }
+    settings = {
+        "tokenizer": tokenizer_settings,
         "val_fraction": val_fraction,
         "text_field": text_field,
     }
@@ -92,24 +98,28 @@ def prepare(
     workers = max(1, num_workers or os.cpu_count() or 1)
 
     def build(directory: Path) -> dict[str, Any]:
-        tokenizer = _train_tokenizer(
-            source,
-            directory,
-            vocab_size=vocab_size,
-            val_fraction=val_fraction,
-            text_field=text_field,
-            model_type=model_type,
-            sample_bytes=sample_bytes,
-            workers=workers,
-            progress=progress,
-        )
+        if tokenizer is not None:
+            tokenizer.save(directory)
+            used = tokenizer
+        else:
+            used = _train_tokenizer(
+                source,
+                directory,
+                vocab_size=vocab_size,
+                val_fraction=val_fraction,
+                text_field=text_field,
+                model_type=model_type,
+                sample_bytes=sample_bytes,
+                workers=workers,
+                progress=progress,
+            )
         manifest = {"fingerprint": key, "source": source, "source_fingerprint": fingerprint}
         manifest.update(settings)
         manifest.update(
             _tokenize(
                 source,
                 directory,
-                tokenizer,
+                used,
                 text_field=text_field,
                 split=lambda name: split_of(name, val_fraction),
                 splits=SPLITS,

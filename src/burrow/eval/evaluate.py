@@ -22,12 +22,13 @@ from burrow.errors import UserError
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: TokenDataset, *, seq_len: int, batch_size: int = 8,
              device: torch.device | str = "cpu", max_tokens: int | None = None,
-             autocast: Any = None) -> dict[str, float]:
+             autocast: Any = None, num_bytes: int | None = None) -> dict[str, float]:
     """Loss (nats per token), perplexity and bits per byte over a split, every token once.
 
     Bits per byte = total nats / ln 2 / UTF-8 bytes of the text. Every token of the split but
     the first is predicted (document separators included). With max_tokens, only a prefix is
-    read and its byte count is estimated in proportion (`bytes_estimated` is then true).
+    read and, unless `num_bytes` gives the prefix's exact size, its byte count is estimated in
+    proportion (`bytes_estimated` is then true).
     """
     was_training = model.training
     model.eval()
@@ -45,7 +46,11 @@ def evaluate(model: nn.Module, dataset: TokenDataset, *, seq_len: int, batch_siz
                         "few documents the held-out split can be empty; raise "
                         "data.val_fraction or pass --data")
     complete = predicted >= dataset.num_tokens - 1
-    num_bytes = dataset.num_bytes * (1.0 if complete else predicted / dataset.num_tokens)
+    exact = complete or num_bytes is not None
+    if complete:
+        num_bytes = dataset.num_bytes
+    elif num_bytes is None:
+        num_bytes = dataset.num_bytes * predicted / dataset.num_tokens
     loss = total_nats / predicted
     return {
         "loss": loss,
@@ -53,7 +58,7 @@ def evaluate(model: nn.Module, dataset: TokenDataset, *, seq_len: int, batch_siz
         "bits_per_byte": total_nats / math.log(2) / num_bytes,
         "tokens": predicted,
         "bytes": round(num_bytes),
-        "bytes_estimated": not complete,
+        "bytes_estimated": not exact,
     }
 
 

@@ -59,15 +59,30 @@ def progress_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: 
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Train and validation loss against step, written as a PNG with matplotlib's Agg backend."""
+    """Train and validation loss against step and, when evaluated, validation bits per byte
+    beside gzip's and xz's on the same bytes; a PNG drawn with matplotlib's Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train"]
-    val = [(r["step"], r["loss"]) for r in rows if r.get("split") == "val"]
-    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
+    val = [r for r in rows if r.get("split") == "val"]
+    panels = 2 if val else 1
+    figure, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), dpi=110, squeeze=False)
+    _plot_loss(axes[0][0], train, [(r["step"], r["loss"]) for r in val])
+    if val:
+        _plot_bits_per_byte(axes[0][1], val)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    staging = Path(path).with_suffix(".tmp.png")
+    figure.savefig(staging)
+    plt.close(figure)
+    os.replace(staging, path)
+
+
+def _plot_loss(axis, train: list[tuple[int, float]], val: list[tuple[int, float]]) -> None:
     if train:
         axis.plot(*zip(*train), label="train", linewidth=1.2)
     if val:
@@ -75,15 +90,21 @@ def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "") -> None
     axis.set_xlabel("step")
     axis.set_ylabel("loss (nats per token)")
     finite = [loss for _, loss in train + val if math.isfinite(loss)]
-    if finite:
+    if finite:  # leave out the first steps' near-uniform losses that would flatten the curve
         low, high = min(finite), sorted(finite)[int(0.98 * (len(finite) - 1))]
         axis.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9))
     axis.grid(alpha=0.3)
     axis.legend()
-    if title:
-        axis.set_title(title)
-    figure.tight_layout()
-    staging = Path(path).with_suffix(".tmp.png")
-    figure.savefig(staging)
-    plt.close(figure)
-    os.replace(staging, path)
+
+
+def _plot_bits_per_byte(axis, val: list[dict[str, Any]]) -> None:
+    axis.plot([r["step"] for r in val], [r["bits_per_byte"] for r in val], "o-",
+              color="tab:orange", label="model (validation)", linewidth=1.5, markersize=4)
+    for key, name, style in (("gzip_bits_per_byte", "gzip -9", "--"),
+                             ("xz_bits_per_byte", "xz -9e", ":")):
+        if val[-1].get(key):
+            axis.axhline(val[-1][key], color="gray", linestyle=style, label=name)
+    axis.set_xlabel("step")
+    axis.set_ylabel("bits per byte (held-out)")
+    axis.grid(alpha=0.3)
+    axis.legend()

@@ -23,32 +23,22 @@ import torch
 from burrow.config import RunConfig
 from burrow.data import BatchLoader, TokenDataset, Tokenizer, prepare
 from burrow.errors import UserError
-from burrow.eval.evaluate import evaluate
+from burrow.eval.evaluate import compressor_bits_per_byte, evaluate, split_text
 from burrow.model import Transformer
 from burrow.model.flops import device_peak_flops, flops_per_token
+from burrow.parallel import ParallelDims, gradient_sync, init_runtime, parallelize, shutdown
 from burrow.train.checkpoint import (
     latest_checkpoint,
+    list_checkpoints,
     load_training_state,
     load_weights,
     save_checkpoint,
 )
 from burrow.train.metrics import MetricsLog, format_duration, plot_losses, progress_line
 from burrow.train.optim import build_optimizer, learning_rate
+from burrow.train.spikes import SpikeDetector, rollback_target
 
 SAMPLE_PROMPT = "def "
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as torch understands it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but no CUDA GPU is available; use cpu")
-    return device
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -59,30 +49,52 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def prepare_data(cfg: RunConfig, progress: bool = True) -> Path:
-    """The prepared directory (tokenizer + shards) for the run's data, made on first use."""
+def prepare_data(cfg: RunConfig, progress: bool = True, run_dir: Path | None = None) -> Path:
+    """The prepared directory (tokenizer + shards) for the run's data, made on first use.
+
+    With data.keep_tokenizer the data is tokenized with run_dir/tokenizer.model instead of a
+    tokenizer trained on it.
+    """
+    tokenizer = None
+    if cfg.data.keep_tokenizer:
+        saved = Path(run_dir or ".") / "tokenizer.model"
+        if not saved.is_file():
+            raise UserError(f"data.keep_tokenizer is set but there is no {saved}; put the "
+                            "tokenizer there or drop data.keep_tokenizer")
+        tokenizer = Tokenizer.load(saved)
     return prepare(cfg.data.source, vocab_size=cfg.model.vocab_size,
                    val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-                   model_type=cfg.data.tokenizer_type, progress=progress)
+                   model_type=cfg.data.tokenizer_type, progress=progress, tokenizer=tokenizer)
 
 
 class Trainer:
-    """One training run in one run directory."""
+    """One training run in one run directory, in this process and (under torchrun) its peers.
+
+    Every rank runs the same loop on different data; rank 0 alone prints and writes files,
+    except for sharded checkpoints, which every rank writes its part of.
+    """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, resume: bool = False,
                  allow_data_change: bool = False, verbose: bool = True):
         cfg.validate()
         self.cfg, self.run_dir, self.verbose = cfg, Path(run_dir), verbose
         self.resume, self.allow_data_change = resume, allow_data_change
-        self.device = resolve_device(cfg.train.device)
+        self.runtime = init_runtime(cfg.train.device)
+        self.device = self.runtime.device
+        self.dims = ParallelDims.for_mode(cfg.train.parallel, self.runtime.world_size)
         self.autocast = autocast_for(self.device, cfg.train.precision)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stop_signal: int | None = None
         self.step = 0
 
     def log(self, message: str) -> None:
-        if self.verbose:
+        if self.verbose and self.runtime.is_main:
             print(message, flush=True)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """One row of metrics.jsonl (rank 0)."""
+        if self.runtime.is_main:
+            self.metrics.write(row)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -94,60 +106,88 @@ class Trainer:
         if not self.resume and checkpoint is not None:
             raise UserError(f"{self.run_dir} already holds checkpoints; pass --resume to "
                             "continue that run, or choose another --out")
-        prepared = prepare_data(cfg, progress=self.verbose)
+        if self.runtime.is_main:  # one process tokenizes; the others then find it prepared
+            prepare_data(cfg, progress=self.verbose, run_dir=self.run_dir)
+        self.runtime.barrier()
+        prepared = prepare_data(cfg, progress=False, run_dir=self.run_dir)
         self.tokenizer = Tokenizer.load(prepared)
         if self.tokenizer.vocab_size != cfg.model.vocab_size:
             raise UserError(f"the data's tokenizer has {self.tokenizer.vocab_size} tokens but "
                             f"model.vocab_size is {cfg.model.vocab_size}; pass --set "
                             f"model.vocab_size={self.tokenizer.vocab_size}")
+        saved_tokenizer = self.run_dir / "tokenizer.model"
+        if (self.resume and not self.allow_data_change and saved_tokenizer.is_file()
+                and Tokenizer.load(saved_tokenizer).fingerprint != self.tokenizer.fingerprint):
+            raise UserError(f"{self.run_dir} was trained on other data (its tokenizer differs "
+                            "from this data's); pass --allow-data-change to continue anyway")
         self.train_data = TokenDataset(prepared, "train")
         self.val_data = TokenDataset(prepared, "val")
         if self.val_data.num_tokens < 2:
             self.log("note: no held-out documents, so no evaluation during training (a single "
                      "file is one document; raise --set data.val_fraction=... or add files)")
             self.val_data = None
-        self._write_run_files(prepared)
+        else:  # what gzip and xz do on the bytes the periodic evaluations read
+            limit = (cfg.train.eval_tokens + 1) if cfg.train.eval_tokens else None
+            text = split_text(self.val_data, self.tokenizer, max_tokens=limit)
+            self.eval_bytes, self.yardstick = len(text), compressor_bits_per_byte(text)
+        if self.runtime.is_main:
+            self._write_run_files(prepared)
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
-        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.wrapped = parallelize(self.model, self.dims, self.device,
+                                   bf16=self.autocast is not None)
+        self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
         self.optimizer = build_optimizer(self.model, cfg.train)
-        micro_tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+        micro_tokens = cfg.train.micro_batch_size * cfg.train.seq_len * self.dims.dp_degree
         self.accumulation = max(1, round(cfg.train.batch_tokens / micro_tokens))
         self.tokens_per_step = self.accumulation * micro_tokens
         self.loader = BatchLoader(self.train_data, cfg.train.micro_batch_size, cfg.train.seq_len,
-                                  seed=cfg.train.seed)
+                                  seed=cfg.train.seed, rank=self.runtime.rank,
+                                  world_size=self.dims.dp_degree)
+        self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_window)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         dtype = torch.bfloat16 if self.autocast is not None else torch.float32
         self.peak_flops = device_peak_flops(self.device, dtype)
         if checkpoint is not None:
             self._restore(checkpoint)
-        else:
+        elif self.runtime.is_main:
             self.metrics.path.unlink(missing_ok=True)
         self.log(f"model: {cfg.model.num_params():,} parameters "
                  f"({cfg.model.num_params(embeddings=False):,} without embeddings) on "
-                 f"{self.device}; {self.tokens_per_step:,} tokens per step "
-                 f"({cfg.train.micro_batch_size} x {cfg.train.seq_len} x {self.accumulation}); "
+                 f"{self._where()}; {self.tokens_per_step:,} tokens per step "
+                 f"({cfg.train.micro_batch_size} x {cfg.train.seq_len} x {self.accumulation} x "
+                 f"{self.dims.dp_degree} ranks); "
                  f"data: {self.train_data.num_tokens:,} train / "
                  f"{self.val_data.num_tokens if self.val_data else 0:,} val tokens")
+
+    def _where(self) -> str:
+        if not self.runtime.distributed:
+            return str(self.device)
+        return f"{self.runtime.world_size} x {self.device.type} ({self.dims.mode})"
 
     def _write_run_files(self, prepared: Path) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg.save(self.run_dir / "config.yaml")
+        self.dims.save(self.run_dir / "parallel.json")
         shutil.copyfile(Path(prepared) / "tokenizer.model", self.run_dir / "tokenizer.model")
         (self.run_dir / "data.json").write_text(json.dumps(
             {"prepared": str(Path(prepared).resolve()),
              "fingerprint": self.train_data.fingerprint}, indent=1) + "\n")
 
-    def _restore(self, checkpoint: Path) -> None:
+    def _restore(self, checkpoint: Path, truncate_metrics: bool = True) -> None:
         load_weights(checkpoint, self.model)
-        state = load_training_state(checkpoint, self.optimizer)
-        self.loader.load_state_dict(state["loader"], allow_data_change=self.allow_data_change)
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        state = load_training_state(checkpoint, self.model, self.optimizer)
+        if "loader" in state:  # an imported model's checkpoint starts the loader and RNG fresh
+            self.loader.load_state_dict(state["loader"], allow_data_change=self.allow_data_change)
+            torch.set_rng_state(state["rng"]["torch"])
+            if self.device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
         self.step = state["step"]
-        self.metrics.truncate_after(self.step)
+        self.spikes = SpikeDetector(self.cfg.train.spike_factor, self.cfg.train.spike_window,
+                                    state.get("spike_history"))
+        if self.runtime.is_main and truncate_metrics:
+            self.metrics.truncate_after(self.step)
         self.log(f"resumed from {checkpoint} at step {self.step}")
 
     # -- the loop ----------------------------------------------------------------------------
@@ -159,22 +199,26 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         cross_entropy_sum = torch.zeros((), device=self.device)
-        for _ in range(self.accumulation):
+        for micro_step in range(self.accumulation):
             inputs, targets = self.loader.next_batch()
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            with self.autocast or nullcontext():
-                out = self.forward(inputs, targets)
-            (out.loss / self.accumulation).backward()
+            # Gradients are reduced across ranks once, in the last micro-batch's backward.
+            with gradient_sync(self.wrapped, micro_step == self.accumulation - 1):
+                with self.autocast or nullcontext():
+                    out = self.forward(inputs, targets)
+                (out.loss / self.accumulation).backward()
             loss_sum += out.loss.detach()
             cross_entropy_sum += out.cross_entropy.detach()
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return (float(loss_sum) / self.accumulation, float(cross_entropy_sum) / self.accumulation,
-                float(grad_norm))
+        losses = self.runtime.mean(torch.stack([loss_sum, cross_entropy_sum])) / self.accumulation
+        return float(losses[0]), float(losses[1]), float(grad_norm)
 
     def run(self) -> dict[str, Any]:
         """Train to max_steps (or until a signal), evaluating and checkpointing on the way."""
@@ -207,12 +251,17 @@ class Trainer:
         tcfg = self.cfg.train
         interval_losses: list[float] = []
         interval_start, step_seconds = time.perf_counter(), None
-        while self.step < tcfg.max_steps and self.stop_signal is None:
+        while self.step < tcfg.max_steps and not self._should_stop():
             loss, cross_entropy, grad_norm = self.train_step()
             if not math.isfinite(loss):
                 self.save()
                 raise UserError(f"the loss became {loss} at step {self.step}; lower --lr or "
                                 "raise --warmup-steps (the last checkpoint is kept)")
+            crossed = self.spikes.observe(loss)
+            if crossed is not None:
+                self._recover_from_spike(loss, crossed)
+                interval_losses, interval_start = [], time.perf_counter()
+                continue
             interval_losses.append(loss)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
                 elapsed = time.perf_counter() - interval_start
@@ -238,16 +287,44 @@ class Trainer:
         eta = smoothed_seconds * (self.cfg.train.max_steps - self.step)
         self.log(progress_line(self.step, self.cfg.train.max_steps, loss, lr, grad_norm,
                                tokens_per_second, mfu, eta))
-        self.metrics.write({"step": self.step, "split": "train", "loss": loss,
+        self.record({"step": self.step, "split": "train", "loss": loss,
                             "cross_entropy": cross_entropy, "lr": lr, "grad_norm": grad_norm,
                             "tokens": self.step * self.tokens_per_step,
                             "tokens_per_second": tokens_per_second, "mfu": mfu,
                             "time": time.time()})
 
+    def _recover_from_spike(self, loss: float, threshold: float) -> None:
+        """PaLM §5.1: back to a checkpoint ~spike_rollback steps earlier, then skip data."""
+        tcfg, spike_step = self.cfg.train, self.step
+        target = rollback_target(list_checkpoints(self.run_dir), spike_step, tcfg.spike_rollback)
+        event = {"step": spike_step, "split": "event", "event": "loss_spike", "loss": loss,
+                 "threshold": threshold, "rolled_back_to": None, "skipped_batches": 0,
+                 "time": time.time()}
+        if target is None:
+            self.log(f"loss spike at step {spike_step}: {loss:.4f} > {threshold:.4f}, but there "
+                     "is no checkpoint to roll back to; going on")
+            self.record(event)
+            return
+        self._restore(target, truncate_metrics=False)
+        self.loader.skip_batches(tcfg.spike_skip * self.accumulation)
+        event.update(rolled_back_to=self.step, skipped_batches=tcfg.spike_skip)
+        self.record(event)
+        self.log(f"loss spike at step {spike_step}: {loss:.4f} > {threshold:.4f}; rolled back to "
+                 f"step {self.step} and skipped {tcfg.spike_skip} batches")
+
+    def _should_stop(self) -> bool:
+        """Whether a signal arrived, on this rank or any other (so all ranks stop together)."""
+        stop = self.runtime.any(self.stop_signal is not None)
+        if stop and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return stop
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.stop_signal is not None:  # a second Ctrl-C: stop now, the last checkpoint stands
             raise KeyboardInterrupt
         self.stop_signal = signum
+        if not self.runtime.is_main:
+            return
         print(f"\n{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving "
               "a checkpoint (press Ctrl-C again to quit without saving)", file=sys.stderr,
               flush=True)
@@ -257,28 +334,35 @@ class Trainer:
     def evaluate(self) -> dict[str, float] | None:
         if self.val_data is None:
             return None
-        result = evaluate(self.forward, self.val_data, seq_len=self.cfg.train.seq_len,
+        result = evaluate(self.model, self.val_data, seq_len=self.cfg.train.seq_len,
                           batch_size=self.cfg.train.micro_batch_size, device=self.device,
-                          max_tokens=self.cfg.train.eval_tokens or None, autocast=self.autocast)
-        self.metrics.write({"step": self.step, "split": "val", "loss": result["loss"],
+                          max_tokens=self.cfg.train.eval_tokens or None, autocast=self.autocast,
+                          num_bytes=self.eval_bytes)
+        self.record({"step": self.step, "split": "val", "loss": result["loss"],
                             "lr": self.optimizer.param_groups[0]["lr"],
                             "perplexity": result["perplexity"],
                             "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"],
-                            "time": time.time()})
+                            **self.yardstick, "time": time.time()})
         self.log(f"eval step {self.step} | val loss {result['loss']:.4f} | "
-                 f"ppl {result['perplexity']:.2f} | {result['bits_per_byte']:.3f} bits/byte")
+                 f"ppl {result['perplexity']:.2f} | {result['bits_per_byte']:.3f} bits/byte "
+                 f"(gzip {self.yardstick['gzip_bits_per_byte']:.3f}, "
+                 f"xz {self.yardstick['xz_bits_per_byte']:.3f})")
         self.plot()
         return result
 
     def save(self) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(),
-                 "rng": {"torch": torch.get_rng_state()}}
+                 "rng": {"torch": torch.get_rng_state()},
+                 "spike_history": list(self.spikes.losses)}
         if self.device.type == "cuda":
             state["rng"]["cuda"] = torch.cuda.get_rng_state()
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                               keep=self.cfg.train.keep_checkpoints)
+                               keep=self.cfg.train.keep_checkpoints,
+                               sharded=self.dims.mode == "fsdp", runtime=self.runtime)
 
     def plot(self) -> None:
+        if not self.runtime.is_main:
+            return
         title = f"{self.cfg.preset or 'model'}: {self.cfg.model.num_params():,} parameters"
         plot_losses(self.metrics.rows(), self.run_dir / "loss.png", title=title)
 
@@ -287,6 +371,8 @@ class Trainer:
         new_tokens = min(200, self.cfg.model.max_seq_len - ids.shape[1])
         out = self.model.generate(ids, new_tokens, temperature=0.8, top_k=50, seed=0)
         text = self.tokenizer.decode(out[0].tolist())
+        if not self.runtime.is_main:
+            return text
         with (self.run_dir / "samples.txt").open("a") as handle:
             handle.write(f"--- step {self.step}, temperature 0.8, top-k 50, seed 0 ---\n{text}\n")
         return text
@@ -305,6 +391,9 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
     started = time.perf_counter()
     trainer = Trainer(cfg, run_dir, resume=resume, allow_data_change=allow_data_change,
                       verbose=verbose)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    finally:
+        shutdown()
     trainer.log(f"done in {format_duration(time.perf_counter() - started)}: {run_dir}")
     return summary
