@@ -32,7 +32,7 @@ def train(out: Path, steps: int, processes: int = 1, parallel: str = "none",
             "--micro-batch-size", str(8 // processes), "--parallel", parallel]
     result = subprocess.run(args + (["--resume"] if resume else []), capture_output=True,
                             text=True, timeout=300, env=os.environ.copy())
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [row["loss"] for row in rows if row["split"] == "train"]
 

@@ -79,7 +79,13 @@ def init_runtime(device_name: str) -> Runtime:
     return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def shutdown() -> None:
-    """Leave the process group, if this process joined one."""
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group, if this process joined one.
+
+    After a clean run the ranks first wait for each other, so that none tears down its
+    connections while a peer still uses them; after an error they don't (a peer may be gone).
+    """
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

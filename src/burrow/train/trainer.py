@@ -393,7 +393,9 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
                       verbose=verbose)
     try:
         summary = trainer.run()
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
     trainer.log(f"done in {format_duration(time.perf_counter() - started)}: {run_dir}")
     return summary
