@@ -222,3 +222,13 @@ def test_loss_spike_rolls_back_and_skips_data(tmp_path, monkeypatch):
     detector = SpikeDetector(factor=2.0, window=8)
     assert [detector.observe(x) for x in (3.0, 3.0, 7.0, 5.0)] == [None, None, 6.0, None]
     assert SpikeDetector(factor=0.0, window=8).observe(1e9) is None  # off
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """--compile changes the kernels, not the arithmetic: losses agree to float tolerance."""
+    eager = train(tiny_run_config(max_steps=4), tmp_path / "eager", verbose=False)
+    compiled = train(tiny_run_config(max_steps=4, compile=True), tmp_path / "compiled",
+                     verbose=False)
+    assert compiled["train_losses"] == pytest.approx(eager["train_losses"], rel=1e-4)
+    model, _, _ = load_run(tmp_path / "compiled")  # the raw module's names, no _orig_mod.
+    assert set(model.state_dict()) == set(load_run(tmp_path / "eager")[0].state_dict())
