@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-ddp test lint bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,14 @@ demo: setup
 		--log-every 50
 	$(BIN)/burrow eval $(RUN)
 	$(BIN)/burrow generate $(RUN) --prompt "def " --max-new-tokens 120 --seed 0
+
+# The same training under torchrun: two processes on this machine's CPU (gloo), DDP.
+demo-ddp: setup
+	rm -rf runs/demo-ddp
+	$(BIN)/torchrun --standalone --nproc_per_node 2 -m burrow train --preset nano --data stdlib \
+		--out runs/demo-ddp --parallel ddp --max-steps 100 --batch-tokens 4096 \
+		--micro-batch-size 8 --lr 3e-3 --warmup-steps 20 --eval-every 50 --log-every 10
+	$(BIN)/burrow eval runs/demo-ddp
 
 test: setup
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ the same losses as not stopping: the loader position, optimiser and RNG states a
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -148,7 +149,8 @@ class Trainer:
         self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_window)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         dtype = torch.bfloat16 if self.autocast is not None else torch.float32
-        self.peak_flops = device_peak_flops(self.device, dtype)
+        # Tokens/s counts all ranks, so the peak is one device's times the number of devices.
+        self.peak_flops = device_peak_flops(self.device, dtype) * self.runtime.world_size
         if checkpoint is not None:
             self._restore(checkpoint)
         elif self.runtime.is_main:
@@ -377,6 +379,13 @@ class Trainer:
             handle.write(f"--- step {self.step}, temperature 0.8, top-k 50, seed 0 ---\n{text}\n")
         return text
 
+    def release(self) -> None:
+        """Drop the model, optimiser and the communication handles FSDP keeps in them, before the
+        process group goes: freed later, at interpreter exit, gloo's work objects abort it."""
+        for name in ("forward", "wrapped", "model", "optimizer"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+
     def summary(self) -> dict[str, Any]:
         rows = self.metrics.rows()
         val = [row for row in rows if row.get("split") == "val"]
@@ -394,8 +403,10 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
     try:
         summary = trainer.run()
     except BaseException:
+        trainer.release()
         shutdown(clean=False)
         raise
+    trainer.release()
     shutdown()
     trainer.log(f"done in {format_duration(time.perf_counter() - started)}: {run_dir}")
     return summary
