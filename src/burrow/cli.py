@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Any
 
 from burrow.config import TrainConfig, field_docs
 from burrow.errors import UserError
@@ -135,27 +134,21 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         return commands.train_command(args)
-    if args.command == "eval":
-        return _emit(commands.eval_command(args), args.json, commands.format_eval)
-    if args.command == "generate":
-        print(commands.generate_command(args))
+    reports = {  # verbs that print a result, as text or (--json) one JSON object
+        "eval": (commands.eval_command, commands.format_eval),
+        "presets": (commands.presets_command, commands.format_presets),
+        "data": (commands.prepare_command, commands.format_prepare),
+    }
+    if args.command in reports:
+        run, formatter = reports[args.command]
+        result = run(args)
+        print(json.dumps(result) if args.json else formatter(result))
         return 0
-    if args.command == "presets":
-        return _emit(commands.presets_command(args), args.json, commands.format_presets)
-    if args.command == "data":
-        return _emit(commands.prepare_command(args), args.json, commands.format_prepare)
-    if args.command == "tokenizer":
-        print(commands.tokenizer_command(args))
-        return 0
-    if args.command == "export-hf":
-        print(commands.export_hf_command(args))
-        return 0
-    if args.command == "import-hf":
-        print(commands.import_hf_command(args))
-        return 0
-    raise AssertionError(args.command)
-
-
-def _emit(result: Any, as_json: bool, formatter) -> int:
-    print(json.dumps(result) if as_json else formatter(result))
+    messages = {  # verbs that print one text
+        "generate": commands.generate_command,
+        "tokenizer": commands.tokenizer_command,
+        "export-hf": commands.export_hf_command,
+        "import-hf": commands.import_hf_command,
+    }
+    print(messages[args.command](args))
     return 0

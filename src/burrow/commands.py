@@ -82,14 +82,14 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"the held-out data of {args.run} was prepared with another "
                             "tokenizer than the run's; evaluate with --data SOURCE instead")
         dataset, described = TokenDataset(prepared, "val"), "held-out split"
+    # The exact bytes the evaluated tokens spell: the model's and the compressors' denominator.
+    predicted = max(0, dataset.num_tokens - 1)
+    if args.max_tokens is not None:
+        predicted = min(predicted, args.max_tokens)
+    text = split_text(dataset, tokenizer, max_tokens=predicted + 1)
     result = evaluate(model, dataset, seq_len=cfg.train.seq_len, batch_size=args.batch_size,
-                      device=device, max_tokens=args.max_tokens)
-    text = split_text(dataset, tokenizer, max_tokens=result["tokens"] + 1)
-    nats = result["loss"] * result["tokens"]
-    result.update(bits_per_byte=nats / torch.log(torch.tensor(2.0)).item() / len(text),
-                  bytes=len(text), bytes_estimated=False, data=described)
-    result.update(compressor_bits_per_byte(text))
-    return result
+                      device=device, max_tokens=args.max_tokens, num_bytes=len(text))
+    return {**result, **compressor_bits_per_byte(text), "data": described}
 
 
 def format_eval(result: dict[str, Any]) -> str:

@@ -87,6 +87,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stop_signal: int | None = None
         self.step = 0
+        self.eval_bytes: int | None = None  # exact size of the periodic evaluations' text
+        self.yardstick: dict[str, float] = {}  # gzip and xz bits per byte on that text
 
     def log(self, message: str) -> None:
         if self.verbose and self.runtime.is_main:
@@ -127,7 +129,7 @@ class Trainer:
             self.log("note: no held-out documents, so no evaluation during training (a single "
                      "file is one document; raise --set data.val_fraction=... or add files)")
             self.val_data = None
-        else:  # what gzip and xz do on the bytes the periodic evaluations read
+        elif self.runtime.is_main:  # gzip and xz on the bytes the periodic evaluations read
             limit = (cfg.train.eval_tokens + 1) if cfg.train.eval_tokens else None
             text = split_text(self.val_data, self.tokenizer, max_tokens=limit)
             self.eval_bytes, self.yardstick = len(text), compressor_bits_per_byte(text)
@@ -340,6 +342,8 @@ class Trainer:
                           batch_size=self.cfg.train.micro_batch_size, device=self.device,
                           max_tokens=self.cfg.train.eval_tokens or None, autocast=self.autocast,
                           num_bytes=self.eval_bytes)
+        if not self.runtime.is_main:  # every rank evaluates (FSDP needs them all); one reports
+            return result
         self.record({"step": self.step, "split": "val", "loss": result["loss"],
                             "lr": self.optimizer.param_groups[0]["lr"],
                             "perplexity": result["perplexity"],
