@@ -35,6 +35,67 @@ def _positive(value: float, name: str) -> None:
 
 
 @dataclass
+class MoEConfig:
+    """Sparse mixture-of-experts feed-forward layers (Switch Transformer, Fedus et al. 2021).
+
+    With num_experts > 0, every `every`-th block's MLP becomes num_experts expert MLPs behind a
+    router that sends each token to its top_k experts.
+    """
+
+    # Experts per sparse layer; 0 = a dense model.
+    num_experts: int = 0
+    # Every N-th block is sparse (Switch: 2, every other FFN layer; 1 = all of them).
+    every: int = 2
+    # Experts per token: 1 = Switch, 2 = GShard (gates renormalised over the two).
+    top_k: int = 1
+    # Expert capacity in training = capacity_factor x top_k x tokens / num_experts (Switch: 1.25).
+    capacity_factor: float = 1.25
+    # Capacity factor in evaluation and generation (Switch: 2.0).
+    eval_capacity_factor: float = 2.0
+    # Capacity = the busiest expert's load, so no token is dropped.
+    dropless: bool = False
+    # Load-balancing loss alpha * N * sum_i f_i * P_i (Switch eq. 4: alpha = 0.01).
+    balance_loss: float = 0.01
+    # Router z-loss coefficient on mean log^2 Z of the router logits (ST-MoE eq. 5: 1e-3).
+    router_z_loss: float = 1e-3
+    # Multiply the router's input by U(1 - jitter, 1 + jitter) in training (Switch: 0.01); 0 = off.
+    jitter: float = 0.0
+    # Experts and router init N(0, init_scale / fan_in) truncated at 2 sigma (Switch §2.4: 0.1).
+    init_scale: float = 0.1
+    # Hidden width of each expert; None = the model's d_ff.
+    d_ff: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) has experts: blocks every-1, 2*every-1, ..."""
+        return self.enabled and (layer + 1) % self.every == 0
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a value is invalid."""
+        if self.num_experts < 0:
+            raise UserError(f"model.moe.num_experts must be >= 0, got {self.num_experts}")
+        _positive(self.every, "model.moe.every")
+        if not 1 <= self.top_k <= max(1, self.num_experts):
+            raise UserError(f"model.moe.top_k={self.top_k} must be between 1 and "
+                            f"model.moe.num_experts={self.num_experts}")
+        for name in ("capacity_factor", "eval_capacity_factor", "init_scale"):
+            _positive(getattr(self, name), f"model.moe.{name}")
+        for name in ("balance_loss", "router_z_loss"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise UserError(f"model.moe.jitter must be in [0, 1), got {self.jitter}")
+        if self.d_ff is not None:
+            _positive(self.d_ff, "model.moe.d_ff")
+
+
+@dataclass
 class ModelConfig:
     """The shape of a decoder-only transformer language model."""
 
@@ -76,6 +137,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # Epsilon of the normalisation layers.
     norm_eps: float = 1e-5
+    # Sparse expert MLPs (Switch Transformer); dense unless moe.num_experts > 0.
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +152,16 @@ class ModelConfig:
     def head_size(self) -> int:
         """Per-head width with the default resolved."""
         return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """Hidden width of one expert with the default resolved."""
+        return self.ffn_size if self.moe.d_ff is None else self.moe.d_ff
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        """The blocks whose MLP is a set of experts."""
+        return [layer for layer in range(self.n_layers) if self.moe.is_sparse(layer)]
 
     @property
     def ffn_size(self) -> int:
@@ -127,32 +200,50 @@ class ModelConfig:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.z_loss < 0:
             raise UserError(f"model.z_loss must be >= 0, got {self.z_loss}")
+        if isinstance(self.moe, dict):  # built from YAML or a dict
+            self.moe = _build(MoEConfig, self.moe, "model.moe")
+        self.moe.validate()
+        if self.moe.enabled and not self.sparse_layers:
+            raise UserError(f"model.moe.every={self.moe.every} leaves none of the "
+                            f"{self.n_layers} blocks sparse; lower model.moe.every")
 
-    def num_params(self, *, embeddings: bool = True) -> int:
+    def num_params(self, *, embeddings: bool = True, active: bool = False) -> int:
         """Exact parameter count of `Transformer(self)`, computed without allocating.
 
         With `embeddings=False`, the token embedding, the untied output head and learned
-        position tables are left out (Kaplan et al.'s non-embedding parameters).
+        position tables are left out (Kaplan et al.'s non-embedding parameters). With
+        `active=True`, a sparse layer counts its router and the top_k experts a token goes
+        through, not all of them: the parameters each token is multiplied by.
         """
         d, heads, kv = self.d_model, self.n_heads, self.kv_heads
-        hd, ff = self.head_size, self.ffn_size
+        hd = self.head_size
         b = int(self.bias)
         attention = d * heads * hd + 2 * d * kv * hd + heads * hd * d
         attention += b * (heads * hd + 2 * kv * hd + d)
         if self.positions == "relative":
             # Transformer-XL §3.3: W_R projects the sinusoidal encodings; u and v per head.
             attention += d * heads * hd + 2 * heads * hd
-        mlp = (3 if self.ffn == "swiglu" else 2) * d * ff
-        mlp += b * ((2 * ff if self.ffn == "swiglu" else ff) + d)
         norm = d * (1 + (self.norm == "layernorm" and self.bias))
         norms_per_block = 1 if self.block == "parallel" else 2
-        block = attention + mlp + norms_per_block * norm
-        total = self.n_layers * block + norm
+        total = norm
+        for layer in range(self.n_layers):
+            total += attention + norms_per_block * norm + self._mlp_params(layer, active)
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
             if self.positions == "learned":
                 total += self.max_seq_len * d
         return total
+
+    def _mlp_params(self, layer: int, active: bool) -> int:
+        """Parameters of block `layer`'s MLP: dense, or router + experts (no biases)."""
+        matrices = 3 if self.ffn == "swiglu" else 2
+        if not self.moe.is_sparse(layer):
+            ff = self.ffn_size
+            return matrices * self.d_model * ff + int(self.bias) * (
+                (2 * ff if self.ffn == "swiglu" else ff) + self.d_model)
+        experts = self.moe.top_k if active else self.moe.num_experts
+        router = self.d_model * self.moe.num_experts
+        return router + experts * matrices * self.d_model * self.expert_ffn_size
 
 
 @dataclass
@@ -351,7 +442,9 @@ def _build(kind: type, values: dict[str, Any], section: str) -> Any:
         if key not in names:
             raise UserError(f"unknown field {section}.{key}{_suggest(key, names, section)}")
     hints = get_type_hints(kind)
-    return kind(**{key: _coerce(value, hints[key], f"{section}.{key}")
+    return kind(**{key: _build(hints[key], value or {}, f"{section}.{key}")
+                   if dataclasses.is_dataclass(hints[key])
+                   else _coerce(value, hints[key], f"{section}.{key}")
                    for key, value in values.items()})
 
 
@@ -401,5 +494,11 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if not sep or not dot or section not in ("model", "train", "data"):
             raise UserError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of "
                             "model, train, data (e.g. --set model.d_model=384)")
-        raw[section][name] = yaml.safe_load(value) if value.strip() else None
+        *parents, leaf = name.split(".")
+        target = raw[section]
+        for part in parents:
+            if not isinstance(target.get(part), dict):
+                raise UserError(f"--set {item!r}: {section}.{part} is not a section of fields")
+            target = target[part]
+        target[leaf] = yaml.safe_load(value) if value.strip() else None
     return RunConfig.from_dict(raw)

@@ -87,9 +87,10 @@ def matmul_params(cfg: ModelConfig, *, embeddings: bool = True) -> int:
     With `embeddings=False` this is Kaplan et al.'s non-embedding count; with `embeddings=True`
     the embedding matrix is added once, as the output projection it is used for (PaLM counts
     its shared embedding so). For a tied model without a learned position table that is
-    exactly `cfg.num_params()`.
+    exactly `cfg.num_params()`. In a sparse layer only the router and the top_k experts a
+    token is sent to count (Switch: FLOPs grow with active, not total, parameters).
     """
-    params = cfg.num_params(embeddings=False)
+    params = cfg.num_params(embeddings=False, active=True)
     return params + cfg.vocab_size * cfg.d_model if embeddings else params
 
 

@@ -14,23 +14,27 @@ from burrow.config import ModelConfig
 from burrow.errors import UserError
 from burrow.model.layers import Attention, KVCache, make_mlp, make_norm, rotary_tables
 from burrow.model.loss import linear_cross_entropy
+from burrow.model.moe import Experts, Router, RouterStats, SwitchMLP
 from burrow.model.onednn import onednn_linears
 
 
 class ModelOutput:
     """What a forward pass returns; the losses only when labels were given.
 
-    logits (B, T, V). loss: cross-entropy + z-loss, what is optimised. cross_entropy: mean nats
-    per predicted token (with z-loss on, a metric without gradient). With labels the loss is
-    computed without materialising all logits at once (model/loss.py); `logits` is then
-    computed when first read.
+    logits (B, T, V). loss: cross-entropy + z-loss + the routers' losses, what is optimised.
+    cross_entropy: mean nats per predicted token (a metric without gradient when other terms
+    are on). router: one RouterStats per sparse layer, empty for a dense model. With labels
+    the loss is computed without materialising all logits at once (model/loss.py); `logits`
+    is then computed when first read.
     """
 
     def __init__(self, logits: torch.Tensor | None = None, loss: torch.Tensor | None = None,
                  cross_entropy: torch.Tensor | None = None,
-                 make_logits: Callable[[], torch.Tensor] | None = None):
+                 make_logits: Callable[[], torch.Tensor] | None = None,
+                 router: list[RouterStats] | None = None):
         self._logits, self._make_logits = logits, make_logits
         self.loss, self.cross_entropy = loss, cross_entropy
+        self.router = router or []
 
     @property
     def logits(self) -> torch.Tensor:
@@ -44,6 +48,9 @@ class Block(nn.Module):
 
     serial:   x = x + attn(norm1(x)); x = x + mlp(norm2(x))
     parallel: x = x + attn(norm(x)) + mlp(norm(x))   (PaLM §2: ~15% faster at scale)
+
+    The MLP is dense, or Switch experts in the blocks cfg.moe makes sparse; forward returns
+    the new x and the sparse layer's RouterStats (None for a dense one).
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -52,17 +59,26 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer)
         self.mlp_norm = None if self.parallel else make_norm(cfg)
-        self.mlp = make_mlp(cfg)
+        self.sparse = cfg.moe.is_sparse(layer)
+        self.mlp = SwitchMLP(cfg) if self.sparse else make_mlp(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rotary, positions: torch.Tensor,
-                cache: KVCache | None, visible: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None, visible: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RouterStats | None]:
         h = self.attn_norm(x)
         attended = self.dropout(self.attn(h, rotary, positions, cache, visible))
         if self.parallel:
-            return x + attended + self.dropout(self.mlp(h))
-        x = x + attended
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+            x, mlp_in = x + attended, h
+        else:
+            x = x + attended
+            mlp_in = self.mlp_norm(x)
+        stats = None
+        if self.sparse:
+            mlp_out, stats = self.mlp(mlp_in)
+        else:
+            mlp_out = self.mlp(mlp_in)
+        return x + self.dropout(mlp_out), stats
 
 
 class Transformer(nn.Module):
@@ -100,6 +116,7 @@ class Transformer(nn.Module):
         o_proj, down_proj              N(0, 0.02/sqrt(2L))        N(0, 1/sqrt(fan_in))
         biases, u, v                   0                          0
         norm weights / biases          1 / 0                      1 / 0
+        experts, router (Switch §2.4)  N(0, moe.init_scale/fan_in) truncated at 2 sigma
         """
         fan_in = self.cfg.init == "fan_in"
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
@@ -116,6 +133,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, (Experts, Router)):
+                module.reset_parameters()
             elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
@@ -146,16 +165,21 @@ class Transformer(nn.Module):
         # (relative attention's own bias masks them).
         visible = (cache.visible(positions)
                    if cache is not None and self.cfg.positions != "relative" else None)
+        router = []
         for block in self.blocks:
-            x = block(x, rotary, positions, cache, visible)
+            x, stats = block(x, rotary, positions, cache, visible)
+            if stats is not None:
+                router.append(stats)
         x = self.norm(x[:, -1:] if last_only else x)
         if labels is None:
-            return ModelOutput(logits=self._logits(x))
+            return ModelOutput(logits=self._logits(x), router=router)
         weight = self.embed.weight if self.head is None else self.head.weight
         # PaLM §5: z_loss * log^2 Z keeps the softmax normaliser near 1 for stability.
         loss, cross_entropy = linear_cross_entropy(x, weight, labels, scale=self.logit_scale,
                                                    z_loss=self.cfg.z_loss)
-        return ModelOutput(loss=loss, cross_entropy=cross_entropy,
+        if router:  # Switch §2.2, ST-MoE §3: each sparse layer's losses join the objective
+            loss = loss + sum(stats.balance_loss + stats.z_loss for stats in router)
+        return ModelOutput(loss=loss, cross_entropy=cross_entropy, router=router,
                            make_logits=lambda: self._logits(x))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,13 +57,31 @@ def format_count(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def router_row(table: Any, layers: list[int]) -> dict[str, Any]:
+    """The sparse layers' stats (a (layers, 3 + N) table, model/moe.py) as metrics.jsonl keeps
+    them: per layer the balance loss, z-loss, fraction dropped and each expert's share."""
+    rows = table.tolist()
+    return {"layers": layers,
+            "balance_loss": [row[0] for row in rows],
+            "z_loss": [row[1] for row in rows],
+            "dropped": [row[2] for row in rows],
+            "load": [row[3:] for row in rows]}
+
+
 def progress_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: float,
-                  tokens_per_second: float, mfu: float | None, eta_seconds: float) -> str:
-    """One greppable line: step/total, loss, lr, grad norm, tokens/s, MFU, ETA."""
+                  tokens_per_second: float, mfu: float | None, eta_seconds: float,
+                  router: dict[str, Any] | None = None) -> str:
+    """One greppable line: step/total, loss, lr, grad norm, tokens/s, MFU, ETA; for a sparse
+    model also the routers' losses (summed over layers) and the fraction of tokens dropped."""
     mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
     width = len(str(max_steps))
+    moe = ""
+    if router is not None:
+        dropped = sum(router["dropped"]) / len(router["dropped"])
+        moe = (f"aux {sum(router['balance_loss']):.4f} | z {sum(router['z_loss']):.4f} | "
+               f"drop {100 * dropped:.1f}% | ")
     return (f"step {step:>{width}}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"grad {grad_norm:.3f} | {tokens_per_second:,.0f} tok/s | MFU {mfu_text} | "
+            f"grad {grad_norm:.3f} | {moe}{tokens_per_second:,.0f} tok/s | MFU {mfu_text} | "
             f"ETA {format_duration(eta_seconds)}")
 
 
@@ -114,3 +132,45 @@ def _plot_bits_per_byte(axis, val: list[dict[str, Any]]) -> None:
     axis.set_ylabel("bits per byte (held-out)")
     axis.grid(alpha=0.3)
     axis.legend()
+
+
+def plot_router(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """How the experts were used over training: per sparse layer, each expert's share of the
+    tokens against step (a heat map, 1/N is perfect balance), and the fraction dropped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logged = [r for r in rows if r.get("split") == "train" and "moe" in r]
+    if not logged:
+        return
+    layers = logged[-1]["moe"]["layers"]
+    steps = [r["step"] for r in logged]
+    experts = len(logged[-1]["moe"]["load"][0])
+    figure, axes = plt.subplots(1, len(layers) + 1, figsize=(3.6 * (len(layers) + 1), 3.8),
+                                dpi=110, squeeze=False)
+    for column, layer in enumerate(layers):
+        axis = axes[0][column]
+        # share x N: 1 is an expert with exactly its fair share
+        share = [[experts * r["moe"]["load"][column][e] for r in logged] for e in range(experts)]
+        image = axis.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0,
+                            vmax=max(2.0, max(max(row) for row in share)),
+                            extent=(steps[0], steps[-1], -0.5, experts - 0.5),
+                            interpolation="nearest")
+        axis.set_title(f"block {layer}: load x N")
+        axis.set_xlabel("step")
+        axis.set_ylabel("expert")
+        figure.colorbar(image, ax=axis)
+    axis = axes[0][-1]
+    for column, layer in enumerate(layers):
+        axis.plot(steps, [100 * r["moe"]["dropped"][column] for r in logged],
+                  label=f"block {layer}", linewidth=1.2)
+    axis.set_xlabel("step")
+    axis.set_ylabel("tokens over capacity (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)

@@ -27,6 +27,7 @@ from burrow.errors import UserError
 from burrow.eval.evaluate import compressor_bits_per_byte, evaluate, split_text
 from burrow.model import Transformer
 from burrow.model.flops import device_peak_flops, flops_per_token
+from burrow.model.moe import stats_table
 from burrow.parallel import ParallelDims, gradient_sync, init_runtime, parallelize, shutdown
 from burrow.train.checkpoint import (
     latest_checkpoint,
@@ -35,7 +36,14 @@ from burrow.train.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from burrow.train.metrics import MetricsLog, format_duration, plot_losses, progress_line
+from burrow.train.metrics import (
+    MetricsLog,
+    format_duration,
+    plot_losses,
+    plot_router,
+    progress_line,
+    router_row,
+)
 from burrow.train.optim import build_optimizer, learning_rate
 from burrow.train.spikes import SpikeDetector, rollback_target
 
@@ -87,6 +95,10 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stop_signal: int | None = None
         self.step = 0
+        # Sum of the sparse layers' stats tables (model/moe.py) since the last progress line,
+        # and the number of steps in it.
+        self.router_sum: torch.Tensor | None = None
+        self.router_steps = 0
         self.eval_bytes: int | None = None  # exact size of the periodic evaluations' text
         self.yardstick: dict[str, float] = {}  # gzip and xz bits per byte on that text
 
@@ -157,7 +169,9 @@ class Trainer:
             self._restore(checkpoint)
         elif self.runtime.is_main:
             self.metrics.path.unlink(missing_ok=True)
-        self.log(f"model: {cfg.model.num_params():,} parameters "
+        active = (f", {cfg.model.num_params(active=True):,} active per token"
+                  if cfg.model.moe.enabled else "")
+        self.log(f"model: {cfg.model.num_params():,} parameters{active} "
                  f"({cfg.model.num_params(embeddings=False):,} without embeddings) on "
                  f"{self._where()}; {self.tokens_per_step:,} tokens per step "
                  f"({cfg.train.micro_batch_size} x {cfg.train.seq_len} x {self.accumulation} x "
@@ -203,6 +217,7 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         cross_entropy_sum = torch.zeros((), device=self.device)
+        router_sum = None
         for micro_step in range(self.accumulation):
             inputs, targets = self.loader.next_batch()
             inputs = inputs.to(self.device, non_blocking=True)
@@ -214,6 +229,9 @@ class Trainer:
                 (out.loss / self.accumulation).backward()
             loss_sum += out.loss.detach()
             cross_entropy_sum += out.cross_entropy.detach()
+            if out.router:
+                table = stats_table(out.router)
+                router_sum = table if router_sum is None else router_sum + table
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
@@ -222,6 +240,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         losses = self.runtime.mean(torch.stack([loss_sum, cross_entropy_sum])) / self.accumulation
+        if router_sum is not None:
+            router_mean = self.runtime.mean(router_sum) / self.accumulation
+            self.router_sum = router_mean if self.router_sum is None else (
+                self.router_sum + router_mean)
+            self.router_steps += 1
         return float(losses[0]), float(losses[1]), float(grad_norm)
 
     def run(self) -> dict[str, Any]:
@@ -265,6 +288,7 @@ class Trainer:
             if crossed is not None:
                 self._recover_from_spike(loss, crossed)
                 interval_losses, interval_start = [], time.perf_counter()
+                self.router_sum, self.router_steps = None, 0
                 continue
             interval_losses.append(loss)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
@@ -289,13 +313,19 @@ class Trainer:
                if self.peak_flops else None)
         lr = self.optimizer.param_groups[0]["lr"]
         eta = smoothed_seconds * (self.cfg.train.max_steps - self.step)
+        router = None
+        if self.router_sum is not None:  # the interval's mean over steps, per sparse layer
+            router = router_row(self.router_sum / self.router_steps, self.cfg.model.sparse_layers)
+            self.router_sum, self.router_steps = None, 0
         self.log(progress_line(self.step, self.cfg.train.max_steps, loss, lr, grad_norm,
-                               tokens_per_second, mfu, eta))
-        self.record({"step": self.step, "split": "train", "loss": loss,
-                            "cross_entropy": cross_entropy, "lr": lr, "grad_norm": grad_norm,
-                            "tokens": self.step * self.tokens_per_step,
-                            "tokens_per_second": tokens_per_second, "mfu": mfu,
-                            "time": time.time()})
+                               tokens_per_second, mfu, eta, router))
+        row = {"step": self.step, "split": "train", "loss": loss,
+               "cross_entropy": cross_entropy, "lr": lr, "grad_norm": grad_norm,
+               "tokens": self.step * self.tokens_per_step,
+               "tokens_per_second": tokens_per_second, "mfu": mfu, "time": time.time()}
+        if router is not None:
+            row["moe"] = router
+        self.record(row)
 
     def _recover_from_spike(self, loss: float, threshold: float) -> None:
         """PaLM §5.1: back to a checkpoint ~spike_rollback steps earlier, then skip data."""
@@ -370,7 +400,10 @@ class Trainer:
         if not self.runtime.is_main:
             return
         title = f"{self.cfg.preset or 'model'}: {self.cfg.model.num_params():,} parameters"
-        plot_losses(self.metrics.rows(), self.run_dir / "loss.png", title=title)
+        rows = self.metrics.rows()
+        plot_losses(rows, self.run_dir / "loss.png", title=title)
+        if self.cfg.model.moe.enabled:
+            plot_router(rows, self.run_dir / "experts.png", title=title)
 
     def write_sample(self) -> str:
         ids = torch.tensor([self.tokenizer.encode(SAMPLE_PROMPT)], device=self.device)

@@ -1,0 +1,176 @@
+"""Switch Transformer's sparse feed-forward layer (Fedus et al. 2021): a router and experts.
+
+A router sends each token to its top-k of N expert MLPs (Switch: k = 1; GShard: k = 2). Each
+expert takes at most `capacity` tokens, so that every tensor has a shape known in advance (and
+expert parallelism can exchange fixed-size buffers): tokens over capacity are dropped and pass
+through the block's residual connection unchanged. Dispatch and combine are a stable sort,
+one index_copy and one index_add; the experts run as one batched matmul.
+
+The router works in float32 whatever the autocast dtype ("selective precision", Switch §2.4),
+and adds two losses: the load-balancing loss alpha * N * sum_i f_i * P_i (Switch eq. 4-6)
+and the router z-loss (ST-MoE, Zoph et al. 2022, eq. 5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from burrow.config import ModelConfig
+
+
+class RouterStats(NamedTuple):
+    """What one sparse layer reports for one forward pass.
+
+    balance_loss and z_loss are already multiplied by their coefficients: they are the terms
+    added to the training loss. dropped and load carry no gradient.
+    """
+
+    balance_loss: torch.Tensor  # () alpha * N * sum_i f_i * P_i; alpha under uniform routing
+    z_loss: torch.Tensor  # () coefficient * mean over tokens of log^2 sum_j exp(logit_j)
+    dropped: torch.Tensor  # () fraction of token-to-expert assignments over capacity
+    load: torch.Tensor  # (N,) fraction of the assignments each expert received (f_i)
+
+
+def truncated_normal_(weight: torch.Tensor, scale: float, fan_in: int) -> None:
+    """Switch §2.4: N(0, scale / fan_in), truncated at two standard deviations."""
+    std = math.sqrt(scale / fan_in)
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+class Router(nn.Module):
+    """Linear logits over the experts, softmax, top-k; always computed in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.jitter, self.init_scale = cfg.moe.top_k, cfg.moe.jitter, cfg.moe.init_scale
+        self.weight = nn.Parameter(torch.empty(cfg.moe.num_experts, cfg.d_model))
+
+    def reset_parameters(self) -> None:
+        truncated_normal_(self.weight, self.init_scale, self.weight.shape[1])
+
+    def forward(self, tokens: torch.Tensor):
+        # tokens (S, d) -> logits, probs (S, N) in float32; gates, experts (S, k)
+        with torch.autocast(tokens.device.type, enabled=False):
+            x = tokens.float()
+            if self.training and self.jitter > 0:  # Switch §2.4 (Table 3): multiplicative noise
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = F.linear(x, self.weight.float())
+            probs = logits.softmax(dim=-1)
+            gates, experts = probs.topk(self.top_k, dim=-1)
+            if self.top_k > 1:  # GShard: the k gates are renormalised to sum to one
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+        return logits, probs, gates, experts
+
+
+class Experts(nn.Module):
+    """N independent MLPs (SwiGLU or GELU, as the dense ones) held as stacked weights.
+
+    forward takes one buffer per expert, (N, C, d), and returns (N, C, d): a batched matmul.
+    Under expert parallelism this module holds only this rank's experts and parallel/ wraps
+    its forward with the all-to-all exchange; nothing here changes.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n, d, ff = cfg.moe.num_experts, cfg.d_model, cfg.expert_ffn_size
+        self.gated, self.init_scale = cfg.ffn == "swiglu", cfg.moe.init_scale
+        self.up_proj = nn.Parameter(torch.empty(n, d, ff))
+        self.gate_proj = nn.Parameter(torch.empty(n, d, ff)) if self.gated else None
+        self.down_proj = nn.Parameter(torch.empty(n, ff, d))
+
+    def reset_parameters(self) -> None:
+        for weight in (self.up_proj, self.gate_proj, self.down_proj):
+            if weight is not None:
+                truncated_normal_(weight, self.init_scale, weight.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (N, C, d): the tokens each expert received, zero rows where it has room left
+        if self.gated:
+            hidden = F.silu(torch.bmm(x, self.gate_proj)) * torch.bmm(x, self.up_proj)
+        else:
+            hidden = F.gelu(torch.bmm(x, self.up_proj))
+        return torch.bmm(hidden, self.down_proj)  # (N, C, d)
+
+
+class SwitchMLP(nn.Module):
+    """The sparse feed-forward layer: route, dispatch to capacity, run experts, combine.
+
+    forward(x (B, T, d)) -> (y (B, T, d), RouterStats). y is zero for a dropped token, so the
+    block's residual passes it on unchanged (Switch §2.2).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        moe = cfg.moe
+        self.num_experts, self.top_k, self.dropless = moe.num_experts, moe.top_k, moe.dropless
+        self.capacity_factor, self.eval_capacity_factor = (moe.capacity_factor,
+                                                           moe.eval_capacity_factor)
+        self.balance_coefficient, self.z_coefficient = moe.balance_loss, moe.router_z_loss
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        # Set by parallel/ under expert parallelism: the largest of the ranks' capacities, so
+        # that every rank exchanges buffers of the same size.
+        self.agree_capacity: Callable[[int], int] | None = None
+
+    def capacity(self, num_tokens: int, counts: torch.Tensor) -> int:
+        """Slots per expert: factor x k x tokens / N rounded up (Switch eq. 3), or the
+        busiest expert's load when dropless."""
+        if self.dropless:
+            capacity = int(counts.max())
+        else:
+            factor = self.capacity_factor if self.training else self.eval_capacity_factor
+            capacity = math.ceil(factor * self.top_k * num_tokens / self.num_experts)
+        if self.agree_capacity is not None:
+            capacity = self.agree_capacity(capacity)
+        return max(capacity, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        B, T, d = x.shape
+        tokens = x.reshape(B * T, d)  # (S, d)
+        S, N, k = B * T, self.num_experts, self.top_k
+        logits, probs, gates, experts = self.router(tokens)
+        # Assignments in priority order: every token's first choice before any second choice
+        # (GShard), then by position in the batch (Switch): (k*S,)
+        expert_of = experts.t().reshape(-1)
+        gate_of = gates.t().reshape(-1)
+        token_of = torch.arange(S, device=x.device).repeat(k)
+        counts = torch.bincount(expert_of, minlength=N)  # (N,)
+        capacity = self.capacity(S, counts)
+        # Each assignment's place in its expert's queue: a stable sort keeps the priority.
+        order = torch.argsort(expert_of, stable=True)
+        first = torch.cumsum(counts, 0) - counts  # (N,) where each expert's queue starts
+        place_sorted = torch.arange(k * S, device=x.device) - first[expert_of[order]]
+        place = torch.empty_like(place_sorted).scatter_(0, order, place_sorted)
+        kept = place < capacity
+        # Dropped assignments all write to one spare row past the experts' slots.
+        slot = torch.where(kept, expert_of * capacity + place, N * capacity)
+        buffer = tokens.new_zeros(N * capacity + 1, d).index_copy(0, slot, tokens[token_of])
+        out = self.experts(buffer[:-1].view(N, capacity, d)).reshape(N * capacity, d)
+        out = torch.cat([out, out.new_zeros(1, d)])  # the spare row returns zeros
+        weight = (gate_of * kept).to(out.dtype)[:, None]
+        y = tokens.new_zeros(S, d, dtype=out.dtype).index_add(0, token_of, out[slot] * weight)
+        return y.view(B, T, d).to(x.dtype), self._stats(logits, probs, counts, kept)
+
+    def _stats(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
+               kept: torch.Tensor) -> RouterStats:
+        # Switch eq. 4-6: f_i the fraction of assignments to expert i (no gradient), P_i the
+        # mean router probability of expert i; N * sum_i f_i * P_i = 1 when both are uniform.
+        load = counts.float() / counts.sum()
+        balance = self.balance_coefficient * self.num_experts * (load * probs.mean(0)).sum()
+        z_loss = self.z_coefficient * torch.logsumexp(logits, dim=-1).square().mean()
+        dropped = 1.0 - kept.float().mean()
+        return RouterStats(balance, z_loss, dropped.detach(), load.detach())
+
+
+
+def stats_table(stats: list[RouterStats]) -> torch.Tensor:
+    """The sparse layers' stats as one detached (layers, 3 + N) tensor, a row per layer:
+    balance_loss, z_loss, dropped, then the N loads. Tables of several passes add up."""
+    return torch.stack([torch.cat([torch.stack([s.balance_loss.detach(), s.z_loss.detach(),
+                                                s.dropped]), s.load]) for s in stats])
