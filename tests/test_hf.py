@@ -156,6 +156,7 @@ def assert_one_line_error(capsys, *words: str) -> None:
     (dict(norm="layernorm"), "model.norm"),
     (dict(bias=True), "model.bias"),
     (dict(init="fan_in", tie_embeddings=True), "model.init"),
+    (dict(moe={"num_experts": 4}), "model.moe.num_experts"),
 ])
 def test_export_refuses_what_llama_cannot_express(fields, named, tokenizer_file, tmp_path,
                                                   capsys):

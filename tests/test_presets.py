@@ -34,6 +34,7 @@ PUBLISHED: dict[str, tuple[float, float]] = {
     "gpt3-175b": (175e9, 0.5e9),
 }
 TINY = ("micro", "nano", "small")
+SWITCH = ("switch-micro", "switch-nano", "switch-small", "switch-base-128", "switch-c-2048")
 
 
 def norm_scales(cfg: ModelConfig) -> int:
@@ -79,7 +80,7 @@ def test_names_are_stable_and_ordered():
     assert names == presets.names() == list(presets.PRESETS)
     assert len(set(names)) == len(names)
     assert tuple(names[:3]) == TINY
-    assert set(names) == set(TINY) | set(PUBLISHED)
+    assert set(names) == set(TINY) | set(PUBLISHED) | set(SWITCH)
     # Within a family, sizes grow.
     for family in ("gopher-", "palm-"):
         sizes = [presets.get(n).num_params() for n in names if n.startswith(family)]
@@ -204,8 +205,44 @@ def test_table_rows():
         assert row["params"] == cfg.num_params()
         assert row["non_embedding_params"] == cfg.num_params(embeddings=False)
         assert row["seq_len"] == cfg.max_seq_len
-        assert row["flops_per_token"] > 6 * row["non_embedding_params"]
+        assert row["active_params"] == cfg.num_params(active=True)
+        assert row["flops_per_token"] > 6 * cfg.num_params(embeddings=False, active=True)
         assert row["published_params"] == presets.info(row["name"]).published_params
         assert row["source"]
     assert {row["seq_len"] for row in presets.table_rows(seq_len=128)} == {128}
     assert presets.table_rows()[0]["published_params"] is None
+
+
+def test_switch_decoders_rebuild_the_published_encoder_decoder_counts():
+    """Switch Table 9 counts both stacks of an encoder-decoder: Switch-Base 7B (12 + 12 layers,
+    experts in every other one), Switch-C 1571B (15 + 15 layers, experts in all). Our decoder
+    presets hold one stack: twice their experts and routers, plus both stacks' attention (the
+    decoder's twice, with cross-attention) and one embedding, must round to the paper's."""
+    for name, published, half_unit in (("switch-base-128", 7e9, 0.5e9),
+                                       ("switch-c-2048", 1571e9, 0.5e9)):
+        cfg = presets.get(name)
+        experts = len(cfg.sparse_layers) * cfg.moe.num_experts * (
+            (3 if cfg.ffn == "swiglu" else 2) * cfg.d_model * cfg.expert_ffn_size)
+        dense = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=0))
+        # what the experts add over the dense model they replace, from num_params()
+        assert cfg.num_params() - dense.num_params() == experts + len(cfg.sparse_layers) * (
+            cfg.d_model * cfg.moe.num_experts - (experts // len(cfg.sparse_layers)
+                                                 // cfg.moe.num_experts))
+        if name == "switch-base-128":
+            both_stacks = 2 * experts
+        else:
+            attention = 4 * cfg.d_model * cfg.n_heads * cfg.head_size * cfg.n_layers
+            routers = len(cfg.sparse_layers) * cfg.d_model * cfg.moe.num_experts
+            both_stacks = (2 * (experts + routers) + attention * 3
+                           + cfg.vocab_size * cfg.d_model)
+        assert abs(both_stacks - published) <= half_unit, f"{name}: {both_stacks:,}"
+
+
+@pytest.mark.parametrize("name", SWITCH)
+def test_switch_active_parameters_are_those_of_top_k_experts(name):
+    cfg = presets.get(name)
+    assert cfg.moe.num_experts > 1 and cfg.moe.top_k == 1
+    one_expert = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=1))
+    routers = len(cfg.sparse_layers) * cfg.d_model * (cfg.moe.num_experts - 1)
+    assert cfg.num_params(active=True) == one_expert.num_params() + routers
+    assert cfg.num_params() > cfg.num_params(active=True)

@@ -135,12 +135,13 @@ def _short_source(source: str) -> str:
 def format_presets(result: dict[str, Any]) -> str:
     from burrow.train.metrics import format_count
 
-    header = (f"{'name':<14} {'params':>9} {'non-emb':>9} {'FLOPs/token':>12} "
+    header = (f"{'name':<16} {'params':>9} {'active':>9} {'non-emb':>9} {'FLOPs/token':>12} "
               f"{'published':>10}  source")
     lines = [header, "-" * len(header)]
     for row in result["presets"]:
         published = format_count(row.get("published_params"))
-        lines.append(f"{row['name']:<14} {format_count(row['params']):>9} "
+        lines.append(f"{row['name']:<16} {format_count(row['params']):>9} "
+                     f"{format_count(row['active_params']):>9} "
                      f"{format_count(row['non_embedding_params']):>9} "
                      f"{row['flops_per_token']:>12.3g} {published:>10}"
                      f"  {_short_source(row.get('source') or '')}")

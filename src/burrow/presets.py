@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from burrow.config import ModelConfig
+from burrow.config import ModelConfig, MoEConfig
 from burrow.errors import UserError
 from burrow.model.flops import flops_per_token
 
@@ -20,6 +20,7 @@ GOPHER = "Rae et al. 2021, Scaling Language Models (Gopher), Table 1"
 CHINCHILLA = "Hoffmann et al. 2022, Training Compute-Optimal LLMs (Chinchilla), Table 4"
 PALM = "Chowdhery et al. 2022, PaLM, Table 1"
 GPT3 = "Brown et al. 2020, Language Models are Few-Shot Learners (GPT-3), Table 2.1"
+SWITCH = "Fedus et al. 2021, Switch Transformers, Table 9"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,22 @@ def _tiny(d_model: int, n_layers: int, n_heads: int) -> ModelConfig:
     return ModelConfig(vocab_size=4096, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                        ffn="swiglu", norm="rmsnorm", positions="rope", block="serial",
                        tie_embeddings=False, bias=False, max_seq_len=256)
+
+
+def _switch(dense: ModelConfig, num_experts: int = 8, every: int = 2) -> ModelConfig:
+    """A Switch variant of a dense model: every `every`-th MLP becomes `num_experts` experts
+    of the same width with top-1 routing and Switch's defaults (capacity 1.25 / 2.0,
+    alpha 0.01, router z-loss 1e-3, init scale 0.1)."""
+    return dataclasses.replace(dense, moe=MoEConfig(num_experts=num_experts, every=every))
+
+
+def _t5_decoder(n_layers: int, n_heads: int, d_model: int, d_ff: int, ffn: str) -> ModelConfig:
+    """The decoder stack of a T5-style Switch model as a decoder-only language model: RMSNorm
+    without biases, 64-wide heads, T5's 32,128-token vocabulary tied with the output, 512
+    tokens of context. Rotary positions stand in for T5's relative position buckets."""
+    return ModelConfig(vocab_size=32_128, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       head_dim=64, d_ff=d_ff, ffn=ffn, norm="rmsnorm", positions="rope",
+                       block="serial", tie_embeddings=True, bias=False, max_seq_len=512)
 
 
 def _gopher(n_layers: int, n_heads: int, head_dim: int, d_model: int) -> ModelConfig:
@@ -82,6 +99,16 @@ _GOPHER_NOTES = ("Gopher does not say whether the embedding is tied; its publish
 # ((L + 1)·d_model) are left out; num_params() includes them (540B: 540.356B, not 540.35B).
 _PALM_NOTES = ("Table 1's counts match to the last digit without the layer-norm scales "
                "(2.2M in 540B); num_params() includes them.")
+
+# Switch's models are encoder-decoders; the published counts hold both stacks, whose experts
+# are nearly all of it. These presets are the decoder stack alone, so about half.
+_SWITCH_NOTES = ("Decoder-only variant of an encoder-decoder model: the published count holds "
+                 "both stacks (twice the experts, plus cross-attention); {}.")
+
+# Switch's models are encoder-decoders; the published counts hold both stacks, whose experts
+# are nearly all of it. These presets are the decoder stack alone, so about half.
+_SWITCH_NOTES = ("Decoder-only variant of an encoder-decoder model: the published count holds "
+                 "both stacks (twice the experts, plus cross-attention); {}.")
 
 _PRESETS: tuple[Preset, ...] = (
     # 2 x (4·64² + 3·64·176 + 2·64) + 64 + 2 x 4096·64 = 0.10M + 0.52M = 0.62M
@@ -142,6 +169,34 @@ _PRESETS: tuple[Preset, ...] = (
            "GPT-2's architecture (tied embeddings, learned positions, biases); the alternating "
            "locally banded sparse attention is not modelled and has no parameters. Table 2.1 "
            "prints 175.0B; the architecture it gives has 174.6B."),
+    # The tiny models with 8 experts in every other block (Switch's default placement).
+    Preset("switch-micro", _switch(_tiny(d_model=64, n_layers=2, n_heads=2)),
+           "micro with 8 experts in block 1: 0.86M parameters, 0.63M active per token", "burrow"),
+    Preset("switch-nano", _switch(_tiny(d_model=128, n_layers=4, n_heads=4)),
+           "nano with 8 experts in blocks 1 and 3: 3.7M parameters, 1.8M active per token",
+           "burrow"),
+    Preset("switch-small", _switch(_tiny(d_model=192, n_layers=6, n_heads=6)),
+           "small with 8 experts in blocks 1, 3 and 5: 10.4M parameters, 4.2M active per "
+           "token", "burrow"),
+    # Decoder of Switch-Base: 12 x (4·768² attention) + 6 x 3·768·2048 dense + 6 x (128 x
+    # 3·768·2048 + 768·128 router) + 32,128·768 = 28.3M + 28.3M + 3,624.5M + 24.7M = 3.71B;
+    # both stacks' experts: 12 x 128 x 4.72M = 7.25B, the published 7B.
+    Preset("switch-base-128",
+           _switch(_t5_decoder(n_layers=12, n_heads=12, d_model=768, d_ff=2048, ffn="swiglu"),
+                   num_experts=128),
+           "Switch-Base's decoder: 128 experts in every other block, 3.7B parameters, 0.11B "
+           "active per token", SWITCH, None,
+           _SWITCH_NOTES.format("Switch-Base is 7B, and its GEGLU experts are SwiGLU here "
+                                "(the same parameter count)")),
+    # Decoder of Switch-C: 15 x (4·2080·2048 attention + 2048 x 2·2080·6144 experts
+    # + 2080·2048 router) + 32,128·2080 = 0.26B + 785.2B + 0.06B + 0.07B = 785.6B; both stacks:
+    # 30 x 2048 x 25.56M experts = 1,570.4B, with attention, cross-attention, routers and
+    # embedding 1,571.4B: the published 1571B.
+    Preset("switch-c-2048",
+           _switch(_t5_decoder(n_layers=15, n_heads=32, d_model=2080, d_ff=6144, ffn="gelu"),
+                   num_experts=2048, every=1),
+           "Switch-C's decoder: 2048 experts in every block, 786B parameters, 0.77B active per "
+           "token", SWITCH, None, _SWITCH_NOTES.format("Switch-C is 1571B")),
 )
 
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in _PRESETS}
@@ -180,6 +235,7 @@ def table_rows(seq_len: int | None = None) -> list[dict[str, Any]]:
         rows.append({
             "name": preset.name,
             "params": cfg.num_params(),
+            "active_params": cfg.num_params(active=True),
             "non_embedding_params": cfg.num_params(embeddings=False),
             "seq_len": length,
             "flops_per_token": flops_per_token(cfg, length),

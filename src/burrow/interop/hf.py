@@ -62,6 +62,9 @@ def check_exportable(cfg: ModelConfig) -> None:
     inference; init only sets the starting point (except for the logit scale below).
     """
     refusals = [
+        (cfg.moe.enabled, f"model.moe.num_experts={cfg.moe.num_experts}: a Llama has no "
+         "experts (burrow does not write Mixtral); distil the model into a dense one with "
+         "`burrow distill` and export that"),
         (cfg.block == "parallel", "model.block='parallel' (PaLM's attention and MLP side by "
          "side) has no Llama equivalent: Llama's blocks are serial"),
         (cfg.positions != "rope", f"model.positions={cfg.positions!r} has no Llama equivalent: "

@@ -140,7 +140,9 @@ class SwitchMLP(nn.Module):
         expert_of = experts.t().reshape(-1)
         gate_of = gates.t().reshape(-1)
         token_of = torch.arange(S, device=x.device).repeat(k)
-        counts = torch.bincount(expert_of, minlength=N)  # (N,)
+        # (N,) assignments per expert; scatter_add, unlike bincount, has a static shape
+        counts = torch.zeros(N, dtype=torch.long, device=x.device).scatter_add_(
+            0, expert_of, torch.ones_like(expert_of))
         capacity = self.capacity(S, counts)
         # Each assignment's place in its expert's queue: a stable sort keeps the priority.
         order = torch.argsort(expert_of, stable=True)

@@ -1,0 +1,298 @@
+"""Switch Transformer layers against hand-built routings and a naive per-token reference."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from burrow import ModelConfig, Transformer
+from burrow.config import MoEConfig, RunConfig, apply_overrides
+from burrow.errors import UserError
+from burrow.model.flops import flops_per_token, matmul_params
+from burrow.model.layers import GeluMLP, SwiGLU
+from burrow.model.moe import SwitchMLP
+
+
+def moe_config(**moe) -> ModelConfig:
+    fields = dict(num_experts=4)
+    fields.update(moe)
+    return ModelConfig(vocab_size=128, d_model=16, n_layers=4, n_heads=2, d_ff=24,
+                       max_seq_len=32, moe=MoEConfig(**fields))
+
+
+def reference(layer: SwitchMLP, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A token at a time: first choices in token order, then second choices; an expert takes
+    tokens until it holds `capacity`; output = sum of kept gate x expert(token)."""
+    tokens = x.reshape(-1, x.shape[-1])
+    logits = tokens.double() @ layer.router.weight.double().t()
+    probs = logits.softmax(-1)
+    gates, experts = probs.topk(layer.top_k, dim=-1)
+    if layer.top_k > 1:
+        gates = gates / gates.sum(-1, keepdim=True)
+    counts = torch.bincount(experts.flatten(), minlength=layer.num_experts)
+    capacity = layer.capacity(len(tokens), counts)
+    taken = [0] * layer.num_experts
+    out = torch.zeros_like(tokens, dtype=torch.float64)
+    dropped = 0
+    weights = {name: p.double() for name, p in layer.experts.named_parameters()}
+    for choice in range(layer.top_k):
+        for t in range(len(tokens)):
+            e = int(experts[t, choice])
+            if taken[e] >= capacity:
+                dropped += 1
+                continue
+            taken[e] += 1
+            h = tokens[t].double()
+            if "gate_proj" in weights:
+                hidden = F.silu(h @ weights["gate_proj"][e]) * (h @ weights["up_proj"][e])
+            else:
+                hidden = F.gelu(h @ weights["up_proj"][e])
+            out[t] += gates[t, choice] * (hidden @ weights["down_proj"][e])
+    return out.view_as(x), dropped / (layer.top_k * len(tokens))
+
+
+@pytest.mark.parametrize("top_k,ffn,factor", [(1, "swiglu", 1.25), (2, "swiglu", 1.0),
+                                              (1, "gelu", 0.5), (2, "gelu", 2.0)])
+def test_switch_layer_matches_a_per_token_reference(top_k, ffn, factor):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(moe_config(top_k=top_k, capacity_factor=factor), ffn=ffn)
+    layer = SwitchMLP(cfg)
+    layer.router.reset_parameters()
+    layer.experts.reset_parameters()
+    with torch.no_grad():  # a router sharp enough to load some experts over capacity
+        layer.router.weight.mul_(40)
+    x = torch.randn(3, 10, cfg.d_model)
+    y, stats = layer(x)
+    expected, dropped = reference(layer, x)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6)
+    assert float(stats.dropped) == pytest.approx(dropped)
+    if factor < 1:
+        assert dropped > 0
+
+
+def test_capacity_drops_the_last_tokens_of_an_overloaded_expert():
+    """Hand-built routing: 8 tokens, 2 experts, 5 tokens want expert 0. Capacity
+    ceil(1.5 x 8 / 2) = 6 keeps all; ceil(1.0 x 8 / 2) = 4 drops the fifth (in batch order),
+    whose output is exactly zero so the residual passes it unchanged (Switch §2.2)."""
+    cfg = ModelConfig(vocab_size=16, d_model=2, n_layers=2, n_heads=1, d_ff=4, max_seq_len=8,
+                      moe=MoEConfig(num_experts=2, capacity_factor=1.0))
+    layer = SwitchMLP(cfg)
+    layer.experts.reset_parameters()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(2) * 10)
+    wants = [0, 1, 0, 0, 1, 0, 1, 0]  # expert 0 five times: tokens 0, 2, 3, 5, 7
+    x = torch.stack([torch.eye(2)[e] for e in wants])[None]  # (1, 8, 2)
+    assert layer.capacity(8, torch.tensor([5, 3])) == 4
+    y, stats = layer(x)
+    assert float(stats.dropped) == pytest.approx(1 / 8)
+    assert stats.load.tolist() == pytest.approx([5 / 8, 3 / 8])
+    assert torch.equal(y[0, 7], torch.zeros(2))
+    assert all(y[0, t].abs().sum() > 0 for t in range(7))
+    layer.capacity_factor = 1.5
+    assert layer.capacity(8, torch.tensor([5, 3])) == 6
+    y_roomy, stats = layer(x)
+    assert float(stats.dropped) == 0 and y_roomy[0, 7].abs().sum() > 0
+    torch.testing.assert_close(y_roomy[0, :7], y[0, :7])
+
+
+def test_evaluation_uses_its_own_capacity_factor_and_dropless_drops_nothing():
+    layer = SwitchMLP(moe_config(capacity_factor=1.0, eval_capacity_factor=2.0))
+    counts = torch.tensor([40, 0, 0, 0])
+    assert layer.capacity(40, counts) == 10
+    layer.eval()
+    assert layer.capacity(40, counts) == 20
+    layer.dropless = True
+    assert layer.capacity(40, counts) == 40
+    torch.manual_seed(0)
+    layer.train()
+    layer.router.reset_parameters()
+    layer.experts.reset_parameters()
+    with torch.no_grad():
+        layer.router.weight.mul_(100)
+    x = torch.randn(2, 16, 16)
+    y, stats = layer(x)
+    assert float(stats.dropped) == 0
+    torch.testing.assert_close(y.double(), reference(layer, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_balance_loss_is_alpha_under_uniform_routing_and_grows_under_collapse():
+    """Switch eq. 4: alpha * N * sum_i f_i * P_i = alpha when f and P are both uniform."""
+    cfg = ModelConfig(vocab_size=16, d_model=4, n_layers=2, n_heads=1, d_ff=4, max_seq_len=8,
+                      moe=MoEConfig(num_experts=4, capacity_factor=4.0))
+    layer = SwitchMLP(cfg)
+    layer.experts.reset_parameters()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4) * 3)
+    balanced = torch.eye(4).repeat(3, 1)[None]  # each expert wins 3 of 12 tokens, by symmetry
+    _, stats = layer(balanced)
+    assert float(stats.balance_loss) == pytest.approx(0.01, rel=1e-6)
+    assert stats.load.tolist() == [0.25] * 4
+    collapsed = torch.eye(4)[[0] * 12][None]  # every token to expert 0
+    _, collapsed_stats = layer(collapsed)
+    assert float(collapsed_stats.balance_loss) > 2.5 * 0.01
+    with torch.no_grad():  # the limit: all of f and all of P on one expert gives alpha * N
+        layer.router.weight.mul_(100)
+    _, limit = layer(collapsed)
+    assert float(limit.balance_loss) == pytest.approx(0.01 * 4, rel=1e-4)
+
+
+def test_router_z_loss_is_the_mean_squared_log_normaliser():
+    torch.manual_seed(0)
+    layer = SwitchMLP(moe_config())
+    layer.router.reset_parameters()
+    x = torch.randn(2, 8, 16)
+    _, stats = layer(x)
+    logits = x.reshape(-1, 16) @ layer.router.weight.t()
+    expected = 1e-3 * (torch.logsumexp(logits, -1) ** 2).mean()
+    torch.testing.assert_close(stats.z_loss, expected)
+
+
+def test_router_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    layer = SwitchMLP(moe_config())
+    layer.router.reset_parameters()
+    layer.experts.reset_parameters()
+    seen = {}
+    layer.router.register_forward_hook(lambda module, args, out: seen.update(
+        logits=out[0], probs=out[1], gates=out[2]))
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, stats = layer(x)
+    assert seen["logits"].dtype == seen["probs"].dtype == seen["gates"].dtype == torch.float32
+    assert stats.balance_loss.dtype == torch.float32
+    exact = x.reshape(-1, 16) @ layer.router.weight.t()
+    torch.testing.assert_close(seen["logits"], exact)  # not bf16-rounded
+    assert y.dtype == torch.float32  # the experts themselves ran in bf16 under autocast
+
+
+@pytest.mark.parametrize("ffn,dense", [("swiglu", SwiGLU), ("gelu", GeluMLP)])
+def test_one_expert_equals_the_dense_mlp_it_was_initialised_from(ffn, dense):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(moe_config(num_experts=1), ffn=ffn)
+    mlp = dense(cfg)
+    layer = SwitchMLP(cfg)
+    layer.router.reset_parameters()
+    with torch.no_grad():
+        for name in ("up_proj", "gate_proj", "down_proj"):
+            if hasattr(mlp, name):
+                getattr(layer.experts, name)[0].copy_(getattr(mlp, name).weight.t())
+    x = torch.randn(3, 7, cfg.d_model)
+    y, stats = layer(x)
+    torch.testing.assert_close(y, mlp(x))  # one expert: gate probability exactly 1
+    assert float(stats.dropped) == 0 and float(stats.balance_loss) == pytest.approx(0.01)
+
+
+def test_jitter_only_in_training():
+    torch.manual_seed(0)
+    layer = SwitchMLP(moe_config(jitter=0.01))
+    layer.router.reset_parameters()
+    x = torch.randn(2, 8, 16)
+    first, second = layer.router(x.view(-1, 16))[0], layer.router(x.view(-1, 16))[0]
+    assert not torch.equal(first, second)
+    exact = x.view(-1, 16) @ layer.router.weight.t()
+    # each input scaled by at most 1 +- 0.01 moves a logit by at most 0.01 |x| . |w|
+    bound = 0.01 * (x.view(-1, 16).abs() @ layer.router.weight.abs().t())
+    assert ((first - exact).abs() <= bound + 1e-7).all()
+    layer.eval()
+    torch.testing.assert_close(layer.router(x.view(-1, 16))[0],
+                               x.view(-1, 16) @ layer.router.weight.t())
+
+
+def test_expert_init_is_switch_scaled_truncated_normal():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, d_model=256, n_layers=2, n_heads=4, d_ff=512,
+                      moe=MoEConfig(num_experts=8))
+    model = Transformer(cfg)
+    experts = model.blocks[1].mlp.experts
+    for weight, fan_in in ((experts.up_proj, 256), (experts.down_proj, 512),
+                           (model.blocks[1].mlp.router.weight, 256)):
+        std = math.sqrt(0.1 / fan_in)
+        assert weight.abs().max() <= 2 * std + 1e-7
+        # N(0, s) truncated at 2 sigma has standard deviation 0.880 s
+        assert float(weight.std()) == pytest.approx(0.880 * std, rel=0.05)
+
+
+def test_model_loss_adds_the_routers_losses_and_they_train_the_router():
+    torch.manual_seed(0)
+    cfg = moe_config()
+    model = Transformer(cfg)
+    ids = torch.randint(0, 128, (2, 16))
+    out = model(ids, ids)
+    assert len(out.router) == len(cfg.sparse_layers) == 2
+    extra = sum(float(s.balance_loss + s.z_loss) for s in out.router)
+    assert float(out.loss - out.cross_entropy) == pytest.approx(extra, rel=1e-5)
+    out.loss.backward()
+    assert model.blocks[1].mlp.router.weight.grad.abs().sum() > 0
+    assert model.blocks[0].mlp.up_proj.weight.grad is not None  # block 0 stays dense
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+
+
+def test_parameter_and_flop_counts_of_a_sparse_model():
+    dense = ModelConfig(vocab_size=128, d_model=16, n_layers=4, n_heads=2, d_ff=24)
+    sparse = dataclasses.replace(dense, moe=MoEConfig(num_experts=8, top_k=2))
+    expert = 3 * 16 * 24
+    assert sparse.sparse_layers == [1, 3]
+    assert sparse.num_params() == dense.num_params() + 2 * (7 * expert + 16 * 8)
+    assert sparse.num_params(active=True) == dense.num_params() + 2 * (expert + 16 * 8)
+    assert matmul_params(sparse) == matmul_params(dense) + 2 * (expert + 16 * 8)
+    assert flops_per_token(sparse, 32) - flops_per_token(dense, 32) == 6 * 2 * (expert + 128)
+    every = dataclasses.replace(dense, moe=MoEConfig(num_experts=8, every=1, d_ff=12))
+    assert every.sparse_layers == [0, 1, 2, 3]
+    assert every.num_params(active=True) == dense.num_params() - 4 * expert + 4 * (
+        3 * 16 * 12 + 16 * 8)
+
+
+@pytest.mark.parametrize("moe,words", [
+    (dict(num_experts=4, top_k=5), "model.moe.top_k"),
+    (dict(num_experts=-1), "model.moe.num_experts"),
+    (dict(num_experts=4, capacity_factor=0), "model.moe.capacity_factor"),
+    (dict(num_experts=4, jitter=1.5), "model.moe.jitter"),
+    (dict(num_experts=4, balance_loss=-1), "model.moe.balance_loss"),
+    (dict(num_experts=4, every=5), "model.moe.every"),
+])
+def test_bad_moe_configs_name_the_field(moe, words):
+    with pytest.raises(UserError, match=words.replace(".", r"\.")):
+        ModelConfig(n_layers=4, moe=MoEConfig(**moe))
+
+
+def test_moe_config_round_trips_and_takes_nested_overrides(tmp_path):
+    cfg = apply_overrides(RunConfig(), ["model.moe.num_experts=8", "model.moe.top_k=2",
+                                        "model.moe.dropless=true"])
+    assert cfg.model.moe == MoEConfig(num_experts=8, top_k=2, dropless=True)
+    cfg.save(tmp_path / "config.yaml")
+    assert RunConfig.load(tmp_path / "config.yaml").model == cfg.model
+    with pytest.raises(UserError, match="model.moe.nope"):
+        apply_overrides(RunConfig(), ["model.moe.nope=1"])
+    with pytest.raises(UserError, match="model.d_model is not a section"):
+        apply_overrides(RunConfig(), ["model.d_model.x=1"])
+
+
+def test_compiled_sparse_model_matches_eager():
+    torch.manual_seed(0)
+    model = Transformer(moe_config())
+    ids = torch.randint(0, 128, (2, 16))
+    eager = model(ids, ids)
+    compiled = torch.compile(model)(ids, ids)
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_training_logs_router_metrics_and_plots(tmp_path):
+    from burrow.train import train
+    from conftest import tiny_run_config
+
+    cfg = tiny_run_config(max_steps=6, log_every=3)
+    cfg.model = dataclasses.replace(cfg.model, moe=MoEConfig(num_experts=4, every=1))
+    summary = train(cfg, tmp_path / "run", verbose=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    logged = [row for row in rows if row["split"] == "train"]
+    assert [row["step"] for row in logged] == [3, 6]
+    moe = logged[-1]["moe"]
+    assert moe["layers"] == [0, 1]
+    assert all(sum(load) == pytest.approx(1.0) for load in moe["load"])
+    assert all(0.0 <= dropped < 1.0 for dropped in moe["dropped"])
+    assert all(b > 0 for b in moe["balance_loss"] + moe["z_loss"])
+    assert (tmp_path / "run" / "experts.png").stat().st_size > 0
+    assert summary["step"] == 6
