@@ -81,3 +81,16 @@ def test_every_field_is_documented():
         docs = field_docs(kind)
         assert set(docs) == {field.name for field in dataclasses.fields(kind)}, kind
         assert all(len(text) > 10 for text in docs.values())
+
+
+def test_train_flags_and_set_overrides_are_validated_together(tmp_path):
+    """A flag that is valid only with a --set beside it (and the other way round) is accepted."""
+    from burrow.cli import build_parser
+    from burrow.commands import run_config_from_args
+
+    args = build_parser().parse_args(["train", "--out", str(tmp_path / "run"), "--seq-len", "512",
+                                      "--set", "model.max_seq_len=512", "--expert-parallel", "2",
+                                      "--set", "model.moe.num_experts=4"])
+    cfg, _ = run_config_from_args(args)
+    assert (cfg.train.seq_len, cfg.model.max_seq_len) == (512, 512)
+    assert (cfg.train.expert_parallel, cfg.model.moe.num_experts) == (2, 4)

@@ -22,14 +22,14 @@ COMMON = ["--preset", "micro", "--data", str(CORPUS), "--set", "model.vocab_size
 
 
 def train(out: Path, steps: int, processes: int = 1, parallel: str = "none",
-          resume: bool = False) -> list[float]:
+          resume: bool = False, extra: tuple[str, ...] = ()) -> list[float]:
     if processes == 1:
         launcher = [sys.executable, "-m", "burrow"]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node", str(processes), "-m", "burrow"]
     args = [*launcher, "train", *COMMON, "--out", str(out), "--max-steps", str(steps),
-            "--micro-batch-size", str(8 // processes), "--parallel", parallel]
+            "--micro-batch-size", str(8 // processes), "--parallel", parallel, *extra]
     result = subprocess.run(args + (["--resume"] if resume else []), capture_output=True,
                             text=True, timeout=300, env=os.environ.copy())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -52,7 +52,7 @@ def test_two_processes_match_one(tmp_path, single, parallel):
     assert losses == pytest.approx(single, rel=1e-4)
     plan = json.loads((tmp_path / "run" / "parallel.json").read_text())
     assert plan == {"world_size": 2, "dp_replicate": 2 if parallel == "ddp" else 1,
-                    "dp_shard": 2 if parallel == "fsdp" else 1, "mode": parallel}
+                    "dp_shard": 2 if parallel == "fsdp" else 1, "mode": parallel, "ep": 1}
 
 
 def test_fsdp_checkpoint_resumes_with_one_process(tmp_path, single):

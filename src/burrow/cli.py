@@ -108,8 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     import_hf.add_argument("dir", help="directory with config.json, safetensors weights and a "
                            "sentencepiece tokenizer.model")
     import_hf.add_argument("out", help="new run directory")
+    _add_distill_command(commands)
     _add_scaling_commands(commands)
     return parser
+
+
+def _add_distill_command(commands: argparse._SubParsersAction) -> None:
+    distill = commands.add_parser("distill", help="train a dense student on a (sparse) "
+                                  "teacher's probabilities and data (Switch Transformer §4)")
+    distill.add_argument("--teacher", help="run directory of the teacher")
+    distill.add_argument("--student", help="dense preset of the student; it takes the "
+                         "teacher's vocabulary and context")
+    distill.add_argument("--out", required=True, help="run directory of the student")
+    distill.add_argument("--baseline", help="a dense run of the student's shape trained as long "
+                         "without a teacher: report the share of the teacher's gain kept")
+    distill.add_argument("--label-weight", type=float, help="weight of the cross-entropy "
+                         "against the data's tokens (Switch Table 6: 0.75)")
+    distill.add_argument("--teacher-weight", type=float, help="weight of the cross-entropy "
+                         "against the teacher's probabilities (Switch Table 6: 0.25)")
+    distill.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                         help="override any config field, e.g. --set model.d_ff=512")
+    distill.add_argument("--resume", action="store_true",
+                         help="continue the distillation in --out from its latest checkpoint")
+    distill.add_argument("--json", action="store_true", help="print the report as one JSON "
+                         "object")
+    _add_train_flags(distill)
 
 
 def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
@@ -208,6 +231,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         return commands.train_command(args)
+    if args.command == "distill":
+        return commands.distill_command(args)
     if args.command == "sweep":
         return scaling.sweep_command(args)
     reports = {  # verbs that print a result, as text or (--json) one JSON object

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from burrow import presets
-from burrow.config import RunConfig, TrainConfig, apply_overrides
+from burrow.config import RunConfig, TrainConfig, override_dict
 from burrow.errors import UserError
 
 
@@ -36,23 +37,77 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     else:
         name = args.preset or "nano"
         cfg = RunConfig(model=presets.get(name), preset=name)
-    raw = cfg.to_dict()
     if args.data:
-        raw["data"]["source"] = _source(args.data)
+        cfg.data = dataclasses.replace(cfg.data, source=_source(args.data))
+    return _with_train_flags(cfg, args), out
+
+
+def _with_train_flags(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """`cfg` with the TrainConfig flags and the --set overrides applied, then validated (once:
+    `--seq-len 512 --set model.max_seq_len=512` is valid only with both in)."""
+    raw = cfg.to_dict()
     for field in dataclasses.fields(TrainConfig):
         value = getattr(args, f"train_{field.name}")
         if value is not None:
             raw["train"][field.name] = value
-    cfg = apply_overrides(RunConfig.from_dict(raw), args.set)
-    return cfg, out
+    return RunConfig.from_dict(override_dict(raw, args.set))
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from burrow.train import train
+    from burrow.train import Trainer, train
+    from burrow.train.distill import Distiller
 
     cfg, out = run_config_from_args(args)
-    summary = train(cfg, out, resume=args.resume, allow_data_change=args.allow_data_change)
+    summary = train(cfg, out, resume=args.resume, allow_data_change=args.allow_data_change,
+                    trainer_class=Distiller if cfg.distill is not None else Trainer)
     return 0 if not summary["interrupted"] else 130
+
+
+def distill_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config that `burrow distill` flags describe; notes go to stderr."""
+    from burrow.train.distill import student_config
+
+    saved, notes = Path(args.out) / "config.yaml", []
+    if args.resume and saved.is_file():
+        cfg = RunConfig.load(saved)
+        if cfg.distill is None:
+            raise UserError(f"{args.out} is not a distillation run; continue it with `burrow "
+                            f"train --out {args.out} --resume`")
+        if args.student and args.student != cfg.preset:
+            raise UserError(f"{args.out} distils into {cfg.preset}, not {args.student}; drop "
+                            "--student to resume it")
+        if args.teacher and Path(args.teacher).resolve() != Path(cfg.distill.teacher):
+            raise UserError(f"{args.out} is taught by {cfg.distill.teacher}, not "
+                            f"{args.teacher}; drop --teacher to resume it")
+    elif not (args.teacher and args.student):
+        raise UserError("burrow distill needs --teacher RUN and --student PRESET (or --resume "
+                        "in a distillation run)")
+    else:
+        cfg, notes = student_config(Path(args.teacher), args.student)
+    weights = {name: getattr(args, name) for name in ("label_weight", "teacher_weight")
+               if getattr(args, name) is not None}
+    cfg.distill = dataclasses.replace(cfg.distill, **weights)
+    cfg = _with_train_flags(cfg, args)
+    for note in notes:
+        print(f"burrow: note: {note}", file=sys.stderr)
+    return cfg
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    """`burrow distill`: train a dense student on a teacher, then report the gain it kept.
+
+    With --json the trainer is quiet and stdout gets one JSON object: the report.
+    """
+    from burrow.train.distill import distill, format_distill
+
+    cfg = distill_config_from_args(args)
+    report = distill(cfg, Path(args.out), resume=args.resume,
+                     baseline=Path(args.baseline) if args.baseline else None,
+                     verbose=not args.json)
+    if report is None:  # stopped by a signal, with a checkpoint to resume from
+        return 130
+    print(json.dumps(report) if args.json else format_distill(report))
+    return 0
 
 
 def _device(name: str) -> torch.device:

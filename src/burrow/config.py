@@ -300,6 +300,8 @@ class TrainConfig:
     precision: str = "auto"
     # Data parallelism under torchrun: "none", "ddp" or "fsdp" (FSDP2, sharded checkpoints).
     parallel: str = "none"
+    # Split each sparse layer's experts over this many ranks (expert parallelism, with ddp).
+    expert_parallel: int = 1
     # Loss-spike recovery (PaLM §5.1): a loss above spike_factor x the mean of the last
     # spike_window losses is a spike; 0 = off.
     spike_factor: float = 0.0
@@ -315,7 +317,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise UserError naming the field and the fix if a value is invalid."""
-        for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "lr", "log_every"):
+        for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "lr", "log_every",
+                     "expert_parallel"):
             _positive(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "grad_clip",
                      "weight_decay", "eval_tokens", "spike_factor", "spike_rollback",
@@ -363,6 +366,32 @@ class DataConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distilling a teacher (a sparse one, in Switch Transformer §4) into a dense student."""
+
+    # Run directory of the teacher; its latest checkpoint teaches.
+    teacher: str = ""
+    # Weight of the cross-entropy against the data's next tokens (Switch Table 6: 0.75).
+    label_weight: float = 0.75
+    # Weight of the cross-entropy against the teacher's probabilities (Switch Table 6: 0.25).
+    teacher_weight: float = 0.25
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a value is invalid."""
+        if not self.teacher:
+            raise UserError("distill.teacher is empty; name the teacher's run directory")
+        for name in ("label_weight", "teacher_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
+        if self.label_weight + self.teacher_weight <= 0:
+            raise UserError("distill.label_weight and distill.teacher_weight are both 0; "
+                            "give one of them a positive weight")
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a training run; saved as config.yaml in the run directory."""
 
@@ -371,12 +400,21 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     # Name of the preset the model came from, for the record.
     preset: str | None = None
+    # Set in runs made by `burrow distill`: the teacher and the weights of the loss.
+    distill: DistillConfig | None = None
 
     def validate(self) -> None:
         """Check each part and the constraints between them."""
         self.model.validate()
         self.train.validate()
         self.data.validate()
+        if self.distill is not None:
+            self.distill.validate()
+            if self.model.moe.enabled:
+                raise UserError(
+                    f"the student {self.preset or 'model'} is sparse (model.moe.num_experts="
+                    f"{self.model.moe.num_experts}); distillation makes a dense model (Switch "
+                    "§4): choose a dense --student preset")
         if self.train.seq_len > self.model.max_seq_len:
             raise UserError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
@@ -384,7 +422,10 @@ class RunConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        if raw["distill"] is None:  # an ordinary run: no section to show
+            del raw["distill"]
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
@@ -392,10 +433,12 @@ class RunConfig:
         parts = {name: _build(kind, raw.pop(name, {}) or {}, name)
                  for name, kind in (("model", ModelConfig), ("train", TrainConfig),
                                     ("data", DataConfig))}
-        preset = raw.pop("preset", None)
+        preset, distill = raw.pop("preset", None), raw.pop("distill", None)
         if raw:
             raise UserError(f"unknown config section(s): {', '.join(sorted(raw))}")
-        cfg = cls(preset=preset, **parts)
+        if distill is not None:
+            distill = _build(DistillConfig, distill, "distill")
+        cfg = cls(preset=preset, distill=distill, **parts)
         cfg.validate()
         return cfg
 
@@ -487,7 +530,12 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply `section.field=value` overrides (the CLI's --set) and validate the result."""
-    raw = cfg.to_dict()
+    return RunConfig.from_dict(override_dict(cfg.to_dict(), overrides))
+
+
+def override_dict(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `section.field=value` (or `section.sub.field=value`) in a config's dict form,
+    unvalidated: the caller validates once, after every change (flags and --set) is in."""
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -501,4 +549,4 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
                 raise UserError(f"--set {item!r}: {section}.{part} is not a section of fields")
             target = target[part]
         target[leaf] = yaml.safe_load(value) if value.strip() else None
-    return RunConfig.from_dict(raw)
+    return raw

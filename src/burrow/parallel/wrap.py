@@ -11,14 +11,19 @@ import torch
 from torch import nn
 
 from burrow.parallel.dims import ParallelDims
+from burrow.parallel.expert import reduce_expert_gradients, shard_experts
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, device: torch.device,
                 bf16: bool) -> nn.Module:
-    """DDP, or FSDP2 (each block sharded, then the root), or the model itself."""
+    """DDP (after splitting the experts, with dims.ep), or FSDP2 (each block sharded, then the
+    root), or the model itself."""
     if dims.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if dims.ep > 1:  # expert weights differ between ranks: DDP neither syncs nor averages them
+            ignored = shard_experts(model, dims.build_mesh(device.type))
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         return DistributedDataParallel(model, device_ids=[device.index]
                                        if device.type == "cuda" else None)
     if dims.mode == "fsdp":
@@ -35,11 +40,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, device: torch.device,
     return model
 
 
+@contextlib.contextmanager
 def gradient_sync(wrapped: nn.Module, enabled: bool):
     """A context in which backward does (or, for all but the last micro-batch, does not)
-    reduce gradients across ranks."""
-    if not enabled and hasattr(wrapped, "no_sync"):  # DDP
-        return wrapped.no_sync()
+    reduce gradients across ranks; split experts' gradients are reduced as it closes."""
     if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
         wrapped.set_requires_gradient_sync(enabled)
-    return contextlib.nullcontext()
+    skip_sync = not enabled and hasattr(wrapped, "no_sync")  # DDP
+    with wrapped.no_sync() if skip_sync else contextlib.nullcontext():
+        yield
+    if enabled:
+        reduce_expert_gradients(getattr(wrapped, "module", wrapped))

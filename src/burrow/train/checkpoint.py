@@ -8,6 +8,8 @@ or, under FSDP2, the same two as sharded torch.distributed.checkpoint directorie
 and in both cases
     trainer.pt          step, loader state, RNG states: what the loop needs to continue exactly.
 Both kinds load into any number of processes: a run saved by N processes resumes with M or 1.
+Experts split over ranks (parallel/expert.py) are gathered before saving and sliced when
+loading, so the files always hold every expert, whatever the expert-parallel degree.
 Everything is written into `step_N.tmp/`, fsynced, then renamed by rank 0: a reader trusts only
 directories that carry their final name, so a crash at any moment leaves the last good one.
 """
@@ -35,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from burrow.errors import UserError
+from burrow.parallel.expert import full_expert_optimizer_state, full_expert_weights, local_experts
 from burrow.parallel.runtime import Runtime
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -52,9 +55,21 @@ def _fsync_tree(path: Path) -> None:
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's full weights as contiguous CPU tensors, ready for safetensors."""
-    return {name: tensor.detach().to("cpu").contiguous()
+    """The model's full weights as contiguous CPU tensors, ready for safetensors (on rank 0
+    when distributed; collective, as split experts are gathered from their ranks)."""
+    experts = full_expert_weights(model)
+    return {name: experts.get(name, tensor).detach().to("cpu").contiguous()
             for name, tensor in get_model_state_dict(model, options=_FULL).items()}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full optimiser state keyed by parameter name (on rank 0 when distributed;
+    collective, as split experts' moments are gathered from their ranks)."""
+    experts = full_expert_optimizer_state(model, optimizer)
+    state = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if state:
+        state["state"].update(experts)
+    return state
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
@@ -79,11 +94,10 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
                      checkpoint_id=staging / "optimizer")
     else:
         weights = model_state(model)
-        optimizer_state = (get_optimizer_state_dict(model, optimizer, options=_FULL)
-                           if optimizer is not None else {})
+        optimizer_full = optimizer_state(model, optimizer) if optimizer is not None else {}
         if runtime.is_main:
             save_file(weights, staging / "model.safetensors", metadata={"step": str(step)})
-            torch.save(optimizer_state, staging / "optimizer.pt")
+            torch.save(optimizer_full, staging / "optimizer.pt")
     runtime.barrier()
     if runtime.is_main:
         torch.save(trainer_state, staging / "trainer.pt")
@@ -126,7 +140,8 @@ def load_weights(checkpoint: Path, model: nn.Module) -> None:
     checkpoint = Path(checkpoint)
     try:
         if (checkpoint / "model").is_dir():
-            weights = get_model_state_dict(model)
+            # Room for every expert, however this model splits them: the shards hold them all.
+            weights = {**get_model_state_dict(model), **full_expert_weights(model)}
             with warnings.catch_warnings():  # loading shards into one process is intended
                 warnings.filterwarnings("ignore", message=".*single process")
                 dcp.load(weights, checkpoint_id=checkpoint / "model")
@@ -137,7 +152,7 @@ def load_weights(checkpoint: Path, model: nn.Module) -> None:
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as error:
         raise _corrupt(checkpoint, error) from None
     try:
-        set_model_state_dict(model, weights, options=options)
+        set_model_state_dict(model, local_experts(model, weights), options=options)
     except (RuntimeError, KeyError, ValueError) as error:
         first = " ".join(str(error).strip().splitlines()[:2])
         raise UserError(f"checkpoint {checkpoint} does not fit this model's config: "
@@ -150,16 +165,18 @@ def load_training_state(checkpoint: Path, model: nn.Module,
     checkpoint = Path(checkpoint)
     try:
         if (checkpoint / "optimizer").is_dir():
-            state = get_optimizer_state_dict(model, optimizer)
+            state = get_optimizer_state_dict(model, optimizer)  # as for the weights above
+            state["state"].update(full_expert_optimizer_state(model, optimizer))
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*single process")
                 dcp.load(state, checkpoint_id=checkpoint / "optimizer")
-            set_optimizer_state_dict(model, optimizer, state)
+            options = StateDictOptions()
         else:
             state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-            if state:
-                set_optimizer_state_dict(model, optimizer, state,
-                                         options=StateDictOptions(full_state_dict=True))
+            options = StateDictOptions(full_state_dict=True)
+        if state:
+            state["state"] = local_experts(model, state["state"])
+            set_optimizer_state_dict(model, optimizer, state, options=options)
         return torch.load(checkpoint / "trainer.pt", weights_only=True)
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
         raise _corrupt(checkpoint, error) from None

@@ -156,7 +156,8 @@ def plot_router(rows: list[dict[str, Any]], path: Path, title: str = "") -> None
         share = [[experts * r["moe"]["load"][column][e] for r in logged] for e in range(experts)]
         image = axis.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0,
                             vmax=max(2.0, max(max(row) for row in share)),
-                            extent=(steps[0], steps[-1], -0.5, experts - 0.5),
+                            extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5,
+                                    experts - 0.5),
                             interpolation="nearest")
         axis.set_title(f"block {layer}: load x N")
         axis.set_xlabel("step")

@@ -25,10 +25,17 @@ from burrow.config import RunConfig
 from burrow.data import BatchLoader, TokenDataset, Tokenizer, prepare
 from burrow.errors import UserError
 from burrow.eval.evaluate import compressor_bits_per_byte, evaluate, split_text
-from burrow.model import Transformer
+from burrow.model import ModelOutput, Transformer
 from burrow.model.flops import device_peak_flops, flops_per_token
 from burrow.model.moe import stats_table
-from burrow.parallel import ParallelDims, gradient_sync, init_runtime, parallelize, shutdown
+from burrow.parallel import (
+    ParallelDims,
+    clip_grad_norm_,
+    gradient_sync,
+    init_runtime,
+    parallelize,
+    shutdown,
+)
 from burrow.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -90,7 +97,9 @@ class Trainer:
         self.resume, self.allow_data_change = resume, allow_data_change
         self.runtime = init_runtime(cfg.train.device)
         self.device = self.runtime.device
-        self.dims = ParallelDims.for_mode(cfg.train.parallel, self.runtime.world_size)
+        self.dims = ParallelDims.for_mode(cfg.train.parallel, self.runtime.world_size,
+                                          ep=cfg.train.expert_parallel)
+        self.dims.check_experts(cfg.model.moe.num_experts)
         self.autocast = autocast_for(self.device, cfg.train.precision)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stop_signal: int | None = None
@@ -182,7 +191,8 @@ class Trainer:
     def _where(self) -> str:
         if not self.runtime.distributed:
             return str(self.device)
-        return f"{self.runtime.world_size} x {self.device.type} ({self.dims.mode})"
+        experts = f", experts split over {self.dims.ep} ranks" if self.dims.ep > 1 else ""
+        return f"{self.runtime.world_size} x {self.device.type} ({self.dims.mode}{experts})"
 
     def _write_run_files(self, prepared: Path) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +220,11 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+        """One micro-batch's forward pass: `.loss` is what is optimised. Subclasses change the
+        objective here (train/distill.py); the step around it stays the same."""
+        return self.forward(inputs, targets)
+
     def train_step(self) -> tuple[float, float, float]:
         """One optimiser step over `accumulation` micro-batches: loss, cross-entropy, grad norm."""
         lr = learning_rate(self.step, self.cfg.train)
@@ -225,7 +240,7 @@ class Trainer:
             # Gradients are reduced across ranks once, in the last micro-batch's backward.
             with gradient_sync(self.wrapped, micro_step == self.accumulation - 1):
                 with self.autocast or nullcontext():
-                    out = self.forward(inputs, targets)
+                    out = self.forward_loss(inputs, targets)
                 (out.loss / self.accumulation).backward()
             loss_sum += out.loss.detach()
             cross_entropy_sum += out.cross_entropy.detach()
@@ -233,7 +248,10 @@ class Trainer:
                 table = stats_table(out.router)
                 router_sum = table if router_sum is None else router_sum + table
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.dims.ep > 1:  # expert gradients live on different ranks: the global norm
+            grad_norm = clip_grad_norm_(self.model, clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
@@ -432,11 +450,12 @@ class Trainer:
 
 
 def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
-          allow_data_change: bool = False, verbose: bool = True) -> dict[str, Any]:
+          allow_data_change: bool = False, verbose: bool = True,
+          trainer_class: type[Trainer] = Trainer) -> dict[str, Any]:
     """Train a model as `cfg` says into `run_dir`; return a summary (step, losses, last eval)."""
     started = time.perf_counter()
-    trainer = Trainer(cfg, run_dir, resume=resume, allow_data_change=allow_data_change,
-                      verbose=verbose)
+    trainer = trainer_class(cfg, run_dir, resume=resume, allow_data_change=allow_data_change,
+                            verbose=verbose)
     try:
         summary = trainer.run()
     except BaseException:

@@ -1,0 +1,232 @@
+"""Switch Transformer on a CPU: quality per step, cost per step and distillation, against dense.
+
+The rival is the dense model a Switch model is made from: same width, depth, data, steps,
+schedule and seed, and the same FLOPs per token (Switch routes each token to one expert of the
+dense MLP's width, so only the router is added). Three measurements (Fedus et al. 2021):
+
+  quality   both trained with `burrow train` on the default corpus, evaluated on the same
+            held-out tokens every few steps. Step speed-up = the steps the dense model needs to
+            reach its final validation loss / the steps the Switch model needs to reach the
+            same loss (Switch §3, Figure 5 left: 7x for 64 experts at T5-Base scale).
+  cost      seconds per training step (forward, backward, AdamW) of the Switch model over the
+            dense one, alternating rounds in one process on the same batch.
+  distill   the Switch model distilled into the dense shape with `burrow distill` (0.75 labels
+            + 0.25 teacher probabilities, initialised from the non-expert weights, Switch §4):
+            the fraction of the teacher's gain over the dense baseline that the student keeps
+            (Table 6: ~30%).
+
+    .venv/bin/python bench/moe.py                      # all three: ~25 minutes on 2 cores
+    .venv/bin/python bench/moe.py --part cost          # the step-time ratio only
+    .venv/bin/python bench/moe.py --quick              # seconds: checks the script runs
+
+Runs go to --out (default bench/results/moe_runs/); the JSON goes to stdout, the figure to
+docs/moe_quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from harness import emit, log, machine, paired_rounds, run_main, set_threads, summary, warn_if_busy
+
+from burrow import UserError, presets
+from burrow.config import RunConfig, TrainConfig
+from burrow.files import save_figure
+from burrow.model import Transformer
+from burrow.train.optim import build_optimizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=("all", "quality", "cost", "distill"), default="all")
+    parser.add_argument("--dense", default="nano", help="dense preset (default nano)")
+    parser.add_argument("--experts", type=int, default=8, help="experts per sparse layer")
+    parser.add_argument("--steps", type=int, default=600, help="training steps of each run")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=5, help="timed pairs of rounds (cost)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "moe_runs"))
+    parser.add_argument("--figure", default=str(ROOT / "docs" / "moe_quality.png"))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="tiny runs: checks the script runs")
+    if parser.parse_args().quick:
+        parser.set_defaults(steps=12, eval_every=4, rounds=1, dense="micro",
+                            out=str(ROOT / "bench" / "results" / "quick" / "moe_runs"),
+                            figure=str(ROOT / "bench" / "results" / "quick" / "moe_quality.png"))
+    args = parser.parse_args()
+    if args.steps < 2 or args.eval_every < 1 or args.rounds < 1 or args.experts < 2:
+        raise UserError("--steps >= 2, --eval-every >= 1, --rounds >= 1 and --experts >= 2")
+    return args
+
+
+def run_configs(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
+    """The dense run and its Switch twin: 8 experts in every other block, Switch's defaults."""
+    train = TrainConfig(max_steps=args.steps, eval_every=args.eval_every, save_every=0,
+                        log_every=max(1, args.steps // 20), device="cpu",
+                        warmup_steps=min(100, args.steps // 10))
+    if args.quick:
+        train = dataclasses.replace(train, batch_tokens=2048, micro_batch_size=8,
+                                    eval_tokens=4096)
+    dense_model = presets.get(args.dense)
+    switch_model = dataclasses.replace(dense_model, moe=dataclasses.replace(
+        dense_model.moe, num_experts=args.experts))
+    return (RunConfig(model=dense_model, train=train, preset=args.dense),
+            RunConfig(model=switch_model, train=dataclasses.replace(train),
+                      preset=f"switch-{args.dense}"))
+
+
+def train_quietly(cfg: RunConfig, run_dir: Path) -> list[tuple[int, float]]:
+    """Train (or resume a finished run) and return its (step, validation loss) curve."""
+    from burrow.train import train
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+        train(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return [(row["step"], row["loss"]) for row in rows if row.get("split") == "val"]
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """The first step at which the curve, linear between evaluations, gets down to `target`."""
+    previous = None
+    for step, loss in curve:
+        if loss <= target:
+            if previous is None:
+                return float(step)
+            (step0, loss0) = previous
+            return step0 + (loss0 - target) / (loss0 - loss) * (step - step0)
+        previous = (step, loss)
+    return None
+
+
+def quality(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
+            ) -> dict[str, Any]:
+    out = Path(args.out)
+    log(f"== dense {dense_cfg.preset}: {dense_cfg.model.num_params():,} parameters")
+    dense_curve = train_quietly(dense_cfg, out / "dense")
+    log(f"== {switch_cfg.preset}: {switch_cfg.model.num_params():,} parameters, "
+        f"{switch_cfg.model.num_params(active=True):,} active")
+    switch_curve = train_quietly(switch_cfg, out / "switch")
+    target = dense_curve[-1][1]
+    reached = steps_to_reach(switch_curve, target)
+    speedup = dense_curve[-1][0] / reached if reached else None
+    draw(args.figure, dense_curve, switch_curve, dense_cfg, switch_cfg, reached)
+    return {"dense_final_val_loss": target, "switch_final_val_loss": switch_curve[-1][1],
+            "switch_steps_to_dense_final": reached, "step_speedup": speedup,
+            "dense_curve": dense_curve, "switch_curve": switch_curve,
+            "params": {"dense": dense_cfg.model.num_params(),
+                       "switch_total": switch_cfg.model.num_params(),
+                       "switch_active": switch_cfg.model.num_params(active=True)}}
+
+
+def draw(path: str, dense: list, switch: list, dense_cfg: RunConfig, switch_cfg: RunConfig,
+         reached: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+    axis.plot(*zip(*dense), "o-", markersize=3, label=f"dense {dense_cfg.preset} "
+              f"({dense_cfg.model.num_params() / 1e6:.1f}M)")
+    axis.plot(*zip(*switch), "o-", markersize=3, label=f"Switch, {switch_cfg.model.moe.num_experts}"
+              f" experts ({switch_cfg.model.num_params() / 1e6:.1f}M, "
+              f"{switch_cfg.model.num_params(active=True) / 1e6:.1f}M active)")
+    axis.axhline(dense[-1][1], color="gray", linestyle=":", linewidth=1)
+    if reached:
+        axis.axvline(reached, color="gray", linestyle=":", linewidth=1)
+        axis.set_title(f"step speed-up {dense[-1][0] / reached:.2f}x at equal FLOPs per token")
+    tail = [loss for _, loss in dense[len(dense) // 5:] + switch[len(switch) // 5:]]
+    axis.set_ylim(min(tail) - 0.05, max(tail) + 0.05)
+    axis.set_xlabel("step")
+    axis.set_ylabel("validation loss (nats per token)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_figure(figure, Path(path))
+
+
+def cost(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
+         ) -> dict[str, Any]:
+    """Seconds per training step, Switch / dense, in alternating rounds on the same batch."""
+    train = dense_cfg.train
+    batch = torch.randint(0, dense_cfg.model.vocab_size,
+                          (train.micro_batch_size, train.seq_len + 1),
+                          generator=torch.Generator().manual_seed(0))
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    steps = max(1, 8 // args.rounds) if args.quick else 8
+
+    def stepper(cfg: RunConfig):
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        optimizer = build_optimizer(model, cfg.train)
+
+        def round_() -> float:
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(inputs, targets).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return steps / (time.perf_counter() - start)  # steps per second
+
+        return round_
+
+    paired = paired_rounds(stepper(dense_cfg), stepper(switch_cfg), args.rounds)
+    # paired.ours is the dense rate: dense steps/s over Switch steps/s = Switch time / dense
+    ratios = paired.ratios()
+    return {"switch_over_dense_step_time": summary(ratios),
+            "tokens_per_step": train.micro_batch_size * train.seq_len,
+            "dense_steps_per_second": summary(paired.ours),
+            "switch_steps_per_second": summary(paired.theirs)}
+
+
+def distill(args: argparse.Namespace, dense_cfg: RunConfig) -> dict[str, Any]:
+    """`burrow distill` of the Switch run into the dense shape, against the dense baseline."""
+    import subprocess
+
+    out = Path(args.out)
+    student = out / "student"
+    command = [sys.executable, "-m", "burrow", "distill", "--teacher", str(out / "switch"),
+               "--student", args.dense, "--baseline", str(out / "dense"), "--out", str(student),
+               "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
+               "--save-every", "0", "--device", "cpu", "--warmup-steps",
+               str(dense_cfg.train.warmup_steps), "--batch-tokens",
+               str(dense_cfg.train.batch_tokens), "--micro-batch-size",
+               str(dense_cfg.train.micro_batch_size), "--eval-tokens",
+               str(dense_cfg.train.eval_tokens), "--log-every", str(dense_cfg.train.log_every)]
+    if (student / "checkpoints").is_dir():
+        command.append("--resume")
+    subprocess.run(command, check=True, stdout=sys.stderr, env=os.environ.copy())
+    return json.loads((student / "distill.json").read_text())
+
+
+def main() -> None:
+    args = parse_args()
+    set_threads(args.threads)
+    warn_if_busy()
+    dense_cfg, switch_cfg = run_configs(args)
+    result: dict[str, Any] = {"benchmark": "moe", "machine": machine(torch.device("cpu")),
+                              "dense": args.dense, "experts": args.experts,
+                              "steps": args.steps}
+    if args.part in ("all", "cost"):
+        log("== cost: seconds per training step")
+        result["cost"] = cost(args, dense_cfg, switch_cfg)
+    if args.part in ("all", "quality"):
+        result["quality"] = quality(args, dense_cfg, switch_cfg)
+    if args.part in ("all", "distill"):
+        result["distill"] = distill(args, dense_cfg)
+    emit(result)
+
+
+if __name__ == "__main__":
+    run_main(main)
