@@ -114,18 +114,17 @@ class SwitchMLP(nn.Module):
         self.balance_coefficient, self.z_coefficient = moe.balance_loss, moe.router_z_loss
         self.router = Router(cfg)
         self.experts = Experts(cfg)
-        # Set by parallel/ under expert parallelism: the largest of the ranks' capacities, so
-        # that every rank exchanges buffers of the same size.
+        # Set by parallel/ under expert parallelism: the largest of the ranks' dropless
+        # capacities, so that every rank exchanges buffers of the same size.
         self.agree_capacity: Callable[[int], int] | None = None
 
     def capacity(self, num_tokens: int, counts: torch.Tensor) -> int:
         """Slots per expert: factor x k x tokens / N rounded up (Switch eq. 3), or the
         busiest expert's load when dropless."""
-        if self.dropless:
-            capacity = int(counts.max())
-        else:
+        if not self.dropless:  # the same on every rank: they all see batches of one size
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
-            capacity = math.ceil(factor * self.top_k * num_tokens / self.num_experts)
+            return max(1, math.ceil(factor * self.top_k * num_tokens / self.num_experts))
+        capacity = int(counts.max())  # depends on this rank's routing
         if self.agree_capacity is not None:
             capacity = self.agree_capacity(capacity)
         return max(capacity, 1)

@@ -98,8 +98,8 @@ def _combiner(shard: ExpertShard):
 
 def _capacity_agreement(shard: ExpertShard, experts: Experts):
     def agree(capacity: int) -> int:
-        # Every rank must send buffers of one size: the largest rank's capacity (dropless
-        # layers and uneven last batches give ranks different ones).
+        # Every rank must send buffers of one size: in dropless mode, the largest rank's
+        # busiest expert (a capacity factor gives every rank the same capacity already).
         value = torch.tensor([capacity], device=experts.down_proj.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=shard.ep_group)
         return int(value.item())
