@@ -20,7 +20,6 @@ from burrow.train import train
 from burrow.train.distill import (
     Distiller,
     copy_non_expert_weights,
-    distillation_loss,
     gain_kept,
     student_config,
 )
@@ -41,17 +40,19 @@ def sparse() -> ModelConfig:
     return dense(moe=MoEConfig(num_experts=4, every=2))
 
 
-@pytest.mark.parametrize("label_weight, teacher_weight", [(0.75, 0.25), (0.0, 1.0)])
+@pytest.mark.parametrize("label_weight, teacher_weight, z_loss",
+                         [(0.75, 0.25, 0.0), (0.0, 1.0, 0.0), (0.75, 0.25, 1e-2)])
 def test_mixed_loss_is_the_weighted_sum_of_the_two_cross_entropies(label_weight,
-                                                                   teacher_weight):
+                                                                   teacher_weight, z_loss):
     torch.manual_seed(0)
-    teacher, student = Transformer(sparse()).eval(), Transformer(dense())
+    teacher, student = Transformer(sparse()).eval(), Transformer(dense(z_loss=z_loss))
     inputs = torch.randint(0, 64, (3, 16))
     targets = torch.randint(0, 64, (3, 16))
     targets[0, :5] = -100
     teacher_logits = teacher(inputs).logits
-    out, soft = distillation_loss(student(inputs, targets), teacher_logits, targets,
-                                  label_weight, teacher_weight)
+    out = student(inputs, targets, teacher_logits=teacher_logits, label_weight=label_weight,
+                  teacher_weight=teacher_weight)
+    soft = out.soft_cross_entropy
     out.loss.backward()
     fused = {name: p.grad.clone() for name, p in student.named_parameters()}
 
@@ -61,10 +62,11 @@ def test_mixed_loss_is_the_weighted_sum_of_the_two_cross_entropies(label_weight,
     teacher_probs = teacher_logits.detach().softmax(dim=-1)
     per_token = -(teacher_probs * logits.log_softmax(dim=-1)).sum(dim=-1)
     soft_by_hand = per_token[targets != -100].mean()
-    by_hand = label_weight * hard_by_hand + teacher_weight * soft_by_hand
+    z_by_hand = z_loss * logits.logsumexp(dim=-1)[targets != -100].square().mean()
+    by_hand = label_weight * (hard_by_hand + z_by_hand) + teacher_weight * soft_by_hand
     by_hand.backward()
 
-    assert float(out.loss) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(by_hand.detach()), rel=1e-5)
     assert float(soft) == pytest.approx(float(soft_by_hand), rel=1e-5)
     assert float(out.cross_entropy) == pytest.approx(float(hard_by_hand), rel=1e-5)
     for name, p in student.named_parameters():

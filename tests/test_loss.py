@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import burrow.model.loss as loss_module
-from burrow.model.loss import linear_cross_entropy
+from burrow.model.loss import linear_cross_entropy, linear_distillation_loss
 
 
 def reference(hidden, weight, labels, scale, z_loss):
@@ -35,6 +35,32 @@ def test_values_and_gradients_equal_the_unfused_loss(small_chunks, z_loss, scale
     torch.testing.assert_close(loss, expected_loss, rtol=1e-13, atol=0)
     torch.testing.assert_close(cross_entropy, expected_cross_entropy, rtol=1e-13, atol=0)
     grads = torch.autograd.grad(loss * 3.0, (hidden, weight))  # upstream gradient 3
+    expected = torch.autograd.grad(expected_loss * 3.0, (hidden, weight))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_with_a_teacher_the_loss_mixes_labels_and_teacher_probabilities(small_chunks, z_loss):
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(50, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(300, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    teacher_logits = 3 * torch.randn(50, 300, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 300, (50,), generator=generator)
+    labels[::6] = -100
+    loss, cross_entropy, soft = linear_distillation_loss(
+        hidden, weight, labels, teacher_logits, scale=0.5, z_loss=z_loss, label_weight=0.75,
+        teacher_weight=0.25)
+    label_loss, expected_cross_entropy = reference(hidden, weight, labels, 0.5, z_loss)
+    logits = (hidden @ weight.T) * 0.5
+    per_token = -(teacher_logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    expected_soft = per_token[labels != -100].mean()
+    expected_loss = 0.75 * label_loss + 0.25 * expected_soft
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(cross_entropy, expected_cross_entropy, rtol=1e-13, atol=0)
+    torch.testing.assert_close(soft, expected_soft, rtol=1e-13, atol=0)
+    assert not cross_entropy.requires_grad and not soft.requires_grad
+    grads = torch.autograd.grad(loss * 3.0, (hidden, weight))
     expected = torch.autograd.grad(expected_loss * 3.0, (hidden, weight))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)

@@ -9,6 +9,9 @@ its logits, softmax - one_hot, are computed at once, and turned into the gradien
 hidden states and of the output matrix before the next chunk (as Liger Kernel's fused linear
 cross-entropy does). Backward only scales what forward computed. The numbers are those of
 `F.cross_entropy` over `F.linear` up to floating-point summation order.
+
+Distillation (Switch §4) mixes a second target into the same pass: a teacher's probabilities,
+cross-entropy against them being log Z - sum_v p_v logit_v, whose gradient is softmax - p.
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ CHUNK_BYTES = 8 * 2**20
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy + z_loss * mean(log^2 Z) of logits = scale * hidden @ weight^T.
+    """label_weight x (mean cross-entropy + z_loss * mean(log^2 Z)) + teacher_weight x mean
+    cross-entropy against softmax(teacher_logits), of logits = scale * hidden @ weight^T.
 
-    Returns (loss, cross_entropy): the objective and, as a metric, its cross-entropy part.
-    Gradients flow through `loss` only; without z-loss the two are the same tensor.
+    Returns (loss, cross_entropy, soft_cross_entropy): the objective and, as metrics, its parts
+    (the last zero without a teacher). Gradients flow through `loss` only; with neither z-loss
+    nor teacher the first two are the same tensor.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                scale: float, z_loss: float, need_grads: bool):
-        # hidden (N, d), weight (V, d), labels (N,) with -100 where there is no target
+                scale: float, z_loss: float, need_grads: bool,
+                teacher_logits: torch.Tensor | None, label_weight: float, teacher_weight: float):
+        # hidden (N, d), weight (V, d), labels (N,) with -100 where there is no target,
+        # teacher_logits (N, V) or None
         rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
         device = hidden.device.type
         # The dtype the matmuls run in: autocast's (bf16 on a GPU) or the tensors' own.
@@ -42,6 +49,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         count = valid.sum().to(exact)
         cross_entropy_sum = torch.zeros((), device=hidden.device, dtype=exact)
         z_sum = torch.zeros_like(cross_entropy_sum)
+        soft_sum = torch.zeros_like(cross_entropy_sum)
         if need_grads:
             grad_hidden = torch.empty_like(hidden)
             grad_weight = torch.zeros_like(weight, dtype=exact)
@@ -50,6 +58,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         # from the OS each time, and their page faults cost as much as the arithmetic.
         buffer = torch.empty(min(rows, hidden.shape[0]), weight.shape[0], dtype=exact,
                              device=hidden.device)
+        teacher_buffer = torch.empty_like(buffer) if teacher_logits is not None else None
         for start in range(0, hidden.shape[0], rows):
             chunk = hidden[start:start + rows]
             targets = labels[start:start + rows].clamp(min=0)[:, None]  # (n, 1)
@@ -62,22 +71,37 @@ class LinearCrossEntropy(torch.autograd.Function):
             if scale != 1.0:
                 logits.mul_(scale)
             picked = logits.gather(1, targets)[:, 0]
+            if teacher_buffer is not None:
+                teacher_probs = teacher_buffer[:chunk.shape[0]]
+                teacher_probs.copy_(teacher_logits[start:start + rows])
+                teacher_probs.sub_(teacher_probs.amax(dim=-1, keepdim=True)).exp_()
+                teacher_probs.div_(teacher_probs.sum(dim=-1, keepdim=True))
+                # (n,) sum_v p_v logit_v: one dot product per row, no (n, V) temporary
+                expected_logit = torch.bmm(teacher_probs[:, None, :], logits[:, :, None])[:, 0, 0]
             row_max = logits.amax(dim=-1, keepdim=True)
             exps = logits.sub_(row_max).exp_()  # in place: the logits are not needed again
             sums = exps.sum(dim=-1)
             log_z = sums.log() + row_max[:, 0]  # (n,) log of the softmax normaliser Z
             cross_entropy_sum += ((log_z - picked) * mask).sum()
             z_sum += (log_z.square() * mask).sum()
+            if teacher_buffer is not None:
+                soft_sum += ((log_z - expected_logit) * mask).sum()
             if not need_grads:
                 continue
-            # d/dlogits of ce + z_loss * log^2 Z = softmax * (1 + 2 z_loss log Z) - one_hot,
+            # d/dlogits of a (ce + z_loss log^2 Z) + b soft_ce with a = label_weight and
+            # b = teacher_weight: softmax (a (1 + 2 z_loss log Z) + b) - a one_hot - b p,
             # times the chain rule's scale and 1/count of the mean.
             weight_of_row = mask * (scale / count.clamp(min=1))
-            softmax_factor = weight_of_row / sums
+            softmax_factor = weight_of_row / sums * label_weight
             if z_loss:
                 softmax_factor = softmax_factor * (1 + 2 * z_loss * log_z)
+            if teacher_buffer is not None:
+                softmax_factor = softmax_factor + weight_of_row / sums * teacher_weight
             grad_logits = exps.mul_(softmax_factor[:, None])
-            grad_logits.scatter_add_(1, targets, -weight_of_row[:, None].to(exact))
+            grad_logits.scatter_add_(1, targets,
+                                     -(label_weight * weight_of_row)[:, None].to(exact))
+            if teacher_buffer is not None:
+                grad_logits.addcmul_(teacher_probs, (-teacher_weight * weight_of_row)[:, None])
             grad_logits, chunk = grad_logits.to(compute), chunk.to(compute)
             grad_hidden[start:start + rows] = grad_logits @ weight_compute
             if compute == exact:
@@ -85,20 +109,24 @@ class LinearCrossEntropy(torch.autograd.Function):
             else:
                 grad_weight += grad_logits.t() @ chunk
         cross_entropy = cross_entropy_sum / count
+        soft_cross_entropy = soft_sum / count
         if need_grads:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        if not z_loss:
-            return cross_entropy, cross_entropy.clone()
-        ctx.mark_non_differentiable(cross_entropy)
-        return cross_entropy + z_loss * z_sum / count, cross_entropy
+        if not z_loss and teacher_logits is None:
+            ctx.mark_non_differentiable(soft_cross_entropy)
+            return cross_entropy, cross_entropy.clone(), soft_cross_entropy
+        ctx.mark_non_differentiable(cross_entropy, soft_cross_entropy)
+        loss = label_weight * (cross_entropy + z_loss * z_sum / count)
+        return loss + teacher_weight * soft_cross_entropy, cross_entropy, soft_cross_entropy
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, grad_cross_entropy: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, grad_cross_entropy: torch.Tensor,
+                 grad_soft_cross_entropy: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # Without z-loss both outputs are the loss, and their gradients add up; with it the
-        # second is a metric, and its gradient is zero.
+        # With neither z-loss nor teacher the first two outputs are the loss, and their
+        # gradients add up; otherwise the others are metrics, and their gradients are zero.
         grad = grad_loss + grad_cross_entropy
-        return grad_hidden * grad, grad_weight * grad, None, None, None, None
+        return grad_hidden * grad, grad_weight * grad, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -109,7 +137,24 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     hidden (..., d), labels (...) with -100 for positions without a target; both means are over
     the positions with a target (NaN when there is none, like F.cross_entropy).
     """
+    loss, cross_entropy, _ = linear_distillation_loss(hidden, weight, labels, None, scale=scale,
+                                                      z_loss=z_loss)
+    return loss, cross_entropy
+
+
+def linear_distillation_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             teacher_logits: torch.Tensor | None, *, scale: float = 1.0,
+                             z_loss: float = 0.0, label_weight: float = 1.0,
+                             teacher_weight: float = 0.0
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, cross_entropy, soft_cross_entropy): label_weight x (cross-entropy + z-loss) +
+    teacher_weight x the cross-entropy against softmax(teacher_logits (..., V)), in one pass.
+
+    Means are over the positions with a target; the teacher is a fixed target (no gradient).
+    """
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return LinearCrossEntropy.apply(hidden, weight, labels.reshape(-1), scale, z_loss,
-                                    need_grads)
+                                    need_grads, teacher_logits, label_weight, teacher_weight)

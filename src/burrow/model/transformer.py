@@ -13,7 +13,7 @@ from torch import nn
 from burrow.config import ModelConfig
 from burrow.errors import UserError
 from burrow.model.layers import Attention, KVCache, make_mlp, make_norm, rotary_tables
-from burrow.model.loss import linear_cross_entropy
+from burrow.model.loss import linear_distillation_loss
 from burrow.model.moe import Experts, Router, RouterStats, SwitchMLP
 from burrow.model.onednn import onednn_linears
 
@@ -23,17 +23,20 @@ class ModelOutput:
 
     logits (B, T, V). loss: cross-entropy + z-loss + the routers' losses, what is optimised.
     cross_entropy: mean nats per predicted token (a metric without gradient when other terms
-    are on). router: one RouterStats per sparse layer, empty for a dense model. With labels
-    the loss is computed without materialising all logits at once (model/loss.py); `logits`
-    is then computed when first read.
+    are on). soft_cross_entropy: against a teacher's probabilities, when one was given.
+    router: one RouterStats per sparse layer, empty for a dense model. With labels the loss is
+    computed without materialising all logits at once (model/loss.py); `logits` is then
+    computed when first read.
     """
 
     def __init__(self, logits: torch.Tensor | None = None, loss: torch.Tensor | None = None,
                  cross_entropy: torch.Tensor | None = None,
                  make_logits: Callable[[], torch.Tensor] | None = None,
-                 router: list[RouterStats] | None = None):
+                 router: list[RouterStats] | None = None,
+                 soft_cross_entropy: torch.Tensor | None = None):
         self._logits, self._make_logits = logits, make_logits
         self.loss, self.cross_entropy = loss, cross_entropy
+        self.soft_cross_entropy = soft_cross_entropy
         self.router = router or []
 
     @property
@@ -145,11 +148,15 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, start: int | torch.Tensor = 0,
-                last_only: bool = False) -> ModelOutput:
+                last_only: bool = False, teacher_logits: torch.Tensor | None = None,
+                label_weight: float = 1.0, teacher_weight: float = 0.0) -> ModelOutput:
         """Logits for each position (or only the last with `last_only`), and the loss if labels.
 
         With a `cache`, input_ids continue a sequence whose first `start` tokens are cached;
         `start` may be a 0-dim tensor, so that a compiled decode step serves every position.
+        With `teacher_logits` (B, T, V) the loss is distillation's (Switch §4): label_weight x
+        the loss against the labels + teacher_weight x the cross-entropy against the teacher's
+        probabilities, computed in the same pass.
         """
         B, T = input_ids.shape
         if isinstance(start, int) and start + T > self.cfg.max_seq_len:
@@ -175,12 +182,15 @@ class Transformer(nn.Module):
             return ModelOutput(logits=self._logits(x), router=router)
         weight = self.embed.weight if self.head is None else self.head.weight
         # PaLM §5: z_loss * log^2 Z keeps the softmax normaliser near 1 for stability.
-        loss, cross_entropy = linear_cross_entropy(x, weight, labels, scale=self.logit_scale,
-                                                   z_loss=self.cfg.z_loss)
+        loss, cross_entropy, soft_cross_entropy = linear_distillation_loss(
+            x, weight, labels, teacher_logits, scale=self.logit_scale, z_loss=self.cfg.z_loss,
+            label_weight=label_weight, teacher_weight=teacher_weight)
         if router:  # Switch §2.2, ST-MoE §3: each sparse layer's losses join the objective
             loss = loss + sum(stats.balance_loss + stats.z_loss for stats in router)
         return ModelOutput(loss=loss, cross_entropy=cross_entropy, router=router,
-                           make_logits=lambda: self._logits(x))
+                           make_logits=lambda: self._logits(x),
+                           soft_cross_entropy=soft_cross_entropy if teacher_logits is not None
+                           else None)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)

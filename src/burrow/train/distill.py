@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -33,25 +32,6 @@ from burrow.run import check_run_dir, load_run, prepared_data_of
 from burrow.train.checkpoint import latest_checkpoint
 from burrow.train.metrics import format_count
 from burrow.train.trainer import Trainer, autocast_for, prepare_data, train
-
-
-def distillation_loss(student: ModelOutput, teacher_logits: torch.Tensor,
-                      targets: torch.Tensor, label_weight: float, teacher_weight: float
-                      ) -> tuple[ModelOutput, torch.Tensor]:
-    """The student's output with Switch §4's mixed loss, and the soft cross-entropy alone.
-
-    loss = label_weight x the student's own objective (its cross-entropy, plus its z-loss if it
-    has one) + teacher_weight x the cross-entropy against the teacher's probabilities, both
-    averaged over the positions with a target. `student` is a forward pass with labels.
-    """
-    logits = student.logits
-    teacher_probs = teacher_logits.detach().float().softmax(dim=-1)  # a target, not a model
-    soft = F.cross_entropy(logits.float().flatten(0, 1), teacher_probs.flatten(0, 1),
-                           reduction="none")
-    soft = soft[targets.flatten() != -100].mean()
-    loss = label_weight * student.loss + teacher_weight * soft
-    return ModelOutput(logits=logits, loss=loss, cross_entropy=student.cross_entropy,
-                       router=student.router), soft
 
 
 def copy_non_expert_weights(student: nn.Module, teacher: nn.Module) -> dict[str, torch.Tensor]:
@@ -165,10 +145,10 @@ class Distiller(Trainer):
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
         with torch.no_grad():
             teacher_logits = self.teacher(inputs).logits
-        out, soft = distillation_loss(self.forward(inputs, targets), teacher_logits, targets,
-                                      self.cfg.distill.label_weight,
-                                      self.cfg.distill.teacher_weight)
-        self.soft_sum += soft.detach()
+        out = self.forward(inputs, targets, teacher_logits=teacher_logits,
+                           label_weight=self.cfg.distill.label_weight,
+                           teacher_weight=self.cfg.distill.teacher_weight)
+        self.soft_sum += out.soft_cross_entropy.detach()
         return out
 
     def train_step(self) -> tuple[float, float, float]:
