@@ -66,6 +66,19 @@ def test_with_a_teacher_the_loss_mixes_labels_and_teacher_probabilities(small_ch
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
+def test_a_label_weight_alone_scales_the_loss_and_its_gradient(small_chunks):
+    hidden = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(300, 8, dtype=torch.float64)
+    labels = torch.randint(0, 300, (20,))
+    loss, cross_entropy, _ = linear_distillation_loss(hidden, weight, labels, None,
+                                                      label_weight=0.5)
+    expected, _ = reference(hidden, weight, labels, 1.0, 0.0)
+    torch.testing.assert_close(loss, 0.5 * expected)
+    torch.testing.assert_close(cross_entropy, expected.detach())
+    torch.testing.assert_close(torch.autograd.grad(loss, hidden)[0],
+                               torch.autograd.grad(0.5 * expected, hidden)[0])
+
+
 def test_without_z_loss_the_cross_entropy_output_carries_the_gradient_too(small_chunks):
     hidden = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(300, 8, dtype=torch.float64)

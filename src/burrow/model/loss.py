@@ -112,7 +112,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         soft_cross_entropy = soft_sum / count
         if need_grads:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        if not z_loss and teacher_logits is None:
+        if not z_loss and teacher_logits is None and label_weight == 1.0:
             ctx.mark_non_differentiable(soft_cross_entropy)
             return cross_entropy, cross_entropy.clone(), soft_cross_entropy
         ctx.mark_non_differentiable(cross_entropy, soft_cross_entropy)
@@ -123,7 +123,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, grad_cross_entropy: torch.Tensor,
                  grad_soft_cross_entropy: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        # With neither z-loss nor teacher the first two outputs are the loss, and their
+        # With no z-loss, teacher or label weight the first two outputs are the loss, and their
         # gradients add up; otherwise the others are metrics, and their gradients are zero.
         grad = grad_loss + grad_cross_entropy
         return grad_hidden * grad, grad_weight * grad, None, None, None, None, None, None, None
