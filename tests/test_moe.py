@@ -23,6 +23,20 @@ def moe_config(**moe) -> ModelConfig:
                        max_seq_len=32, moe=MoEConfig(**fields))
 
 
+def hand_routed(num_experts: int, d_ff: int, capacity_factor: float, sharpness: float
+                ) -> SwitchMLP:
+    """A layer of width num_experts whose router sends the one-hot token e_i to expert i,
+    with logits sharpness x e_i."""
+    cfg = ModelConfig(vocab_size=16, d_model=num_experts, n_layers=2, n_heads=1, d_ff=d_ff,
+                      max_seq_len=8, moe=MoEConfig(num_experts=num_experts,
+                                                   capacity_factor=capacity_factor))
+    layer = SwitchMLP(cfg)
+    layer.experts.reset_parameters()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(num_experts) * sharpness)
+    return layer
+
+
 def reference(layer: SwitchMLP, x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """A token at a time: first choices in token order, then second choices; an expert takes
     tokens until it holds `capacity`; output = sum of kept gate x expert(token)."""
@@ -77,12 +91,7 @@ def test_capacity_drops_the_last_tokens_of_an_overloaded_expert():
     """Hand-built routing: 8 tokens, 2 experts, 5 tokens want expert 0. Capacity
     ceil(1.5 x 8 / 2) = 6 keeps all; ceil(1.0 x 8 / 2) = 4 drops the fifth (in batch order),
     whose output is exactly zero so the residual passes it unchanged (Switch §2.2)."""
-    cfg = ModelConfig(vocab_size=16, d_model=2, n_layers=2, n_heads=1, d_ff=4, max_seq_len=8,
-                      moe=MoEConfig(num_experts=2, capacity_factor=1.0))
-    layer = SwitchMLP(cfg)
-    layer.experts.reset_parameters()
-    with torch.no_grad():
-        layer.router.weight.copy_(torch.eye(2) * 10)
+    layer = hand_routed(num_experts=2, d_ff=4, capacity_factor=1.0, sharpness=10)
     wants = [0, 1, 0, 0, 1, 0, 1, 0]  # expert 0 five times: tokens 0, 2, 3, 5, 7
     x = torch.stack([torch.eye(2)[e] for e in wants])[None]  # (1, 8, 2)
     assert layer.capacity(8, torch.tensor([5, 3])) == 4
@@ -120,12 +129,7 @@ def test_evaluation_uses_its_own_capacity_factor_and_dropless_drops_nothing():
 
 def test_balance_loss_is_alpha_under_uniform_routing_and_grows_under_collapse():
     """Switch eq. 4: alpha * N * sum_i f_i * P_i = alpha when f and P are both uniform."""
-    cfg = ModelConfig(vocab_size=16, d_model=4, n_layers=2, n_heads=1, d_ff=4, max_seq_len=8,
-                      moe=MoEConfig(num_experts=4, capacity_factor=4.0))
-    layer = SwitchMLP(cfg)
-    layer.experts.reset_parameters()
-    with torch.no_grad():
-        layer.router.weight.copy_(torch.eye(4) * 3)
+    layer = hand_routed(num_experts=4, d_ff=4, capacity_factor=4.0, sharpness=3)
     balanced = torch.eye(4).repeat(3, 1)[None]  # each expert wins 3 of 12 tokens, by symmetry
     _, stats = layer(balanced)
     assert float(stats.balance_loss) == pytest.approx(0.01, rel=1e-6)
