@@ -23,6 +23,7 @@ from burrow.train.distill import (
     gain_kept,
     student_config,
 )
+from burrow.train.trainer import Trainer
 from conftest import CORPUS, burrow_command
 
 TINY = ["--set", "model.vocab_size=512", "--set", "model.max_seq_len=64", "--set",
@@ -180,6 +181,34 @@ def test_resume_gives_the_same_losses_as_not_stopping(runs, tmp_path, monkeypatc
     monkeypatch.setattr(Distiller, "train_step", original)
     train(cfg, tmp_path / "stopped", resume=True, verbose=False, trainer_class=Distiller)
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+
+
+def test_teacher_weight_zero_is_the_initialisation_baseline(runs, tmp_path, monkeypatch):
+    """Switch Table 6's "init. non-expert weights from teacher" row: the teacher's weights, then
+    the labels alone, as plain training would take them; the teacher is never run."""
+    cfg, _ = student_config(runs["teacher"], "micro")
+    cfg.train = dataclasses.replace(cfg.train, max_steps=4, log_every=1, eval_tokens=256)
+    cfg.distill = dataclasses.replace(cfg.distill, label_weight=1.0, teacher_weight=0.0)
+
+    def rows(run_dir: Path) -> list[dict]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [row for row in map(json.loads, lines) if row["split"] == "train"]
+
+    class LabelsOnly(Distiller):  # the reference: the plain trainer's objective
+        forward_loss = Trainer.forward_loss
+
+    train(cfg, tmp_path / "reference", verbose=False, trainer_class=LabelsOnly)
+    setup = Distiller.setup
+
+    def setup_with_a_silent_teacher(self):
+        setup(self)
+        self.teacher.register_forward_pre_hook(lambda *_: pytest.fail("the teacher ran"))
+
+    monkeypatch.setattr(Distiller, "setup", setup_with_a_silent_teacher)
+    train(cfg, tmp_path / "init-only", verbose=False, trainer_class=Distiller)
+    ours, reference = rows(tmp_path / "init-only"), rows(tmp_path / "reference")
+    assert [row["loss"] for row in ours] == [row["loss"] for row in reference]
+    assert len(ours) == 4 and not any("soft_cross_entropy" in row for row in ours)
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,9 @@ class Distiller(Trainer):
 
     The teacher (cfg.distill.teacher's latest checkpoint) runs in eval mode without gradients;
     checkpoints hold the student alone, so resuming reloads the teacher. Train rows of
-    metrics.jsonl add soft_cross_entropy (against the teacher) to cross_entropy (the labels).
+    metrics.jsonl add soft_cross_entropy (against the teacher) to cross_entropy (the labels),
+    except with teacher_weight 0 (Switch Table 6's initialisation baseline), where the teacher
+    is not run.
     """
 
     def setup(self) -> None:
@@ -140,14 +142,18 @@ class Distiller(Trainer):
             self.log(f"student: {len(shared)} of {len(self.model.state_dict())} tensors, "
                      f"{copied:,} of {self.cfg.model.num_params():,} parameters, copied from "
                      f"the teacher's non-expert weights; the rest start fresh")
-        self.soft_cross_entropy = float("nan")
+        self.soft_cross_entropy: float | None = None
 
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+        spec = self.cfg.distill
+        if spec.teacher_weight == 0:
+            # Switch Table 6's initialisation baseline: the teacher's non-expert weights and
+            # the labels alone, so the teacher's forward pass would be wasted.
+            return self.forward(inputs, targets, label_weight=spec.label_weight)
         with torch.no_grad():
             teacher_logits = self.teacher(inputs).logits
         out = self.forward(inputs, targets, teacher_logits=teacher_logits,
-                           label_weight=self.cfg.distill.label_weight,
-                           teacher_weight=self.cfg.distill.teacher_weight)
+                           label_weight=spec.label_weight, teacher_weight=spec.teacher_weight)
         self.soft_sum += out.soft_cross_entropy.detach()
         return out
 
@@ -155,11 +161,12 @@ class Distiller(Trainer):
         # The step's soft cross-entropy, averaged like its loss over micro-batches and ranks.
         self.soft_sum = torch.zeros((), device=self.device)
         result = super().train_step()
-        self.soft_cross_entropy = float(self.runtime.mean(self.soft_sum) / self.accumulation)
+        self.soft_cross_entropy = (float(self.runtime.mean(self.soft_sum) / self.accumulation)
+                                   if self.cfg.distill.teacher_weight > 0 else None)
         return result
 
     def record(self, row: dict[str, Any]) -> None:
-        if row.get("split") == "train":
+        if row.get("split") == "train" and self.soft_cross_entropy is not None:
             row = {**row, "soft_cross_entropy": self.soft_cross_entropy}
         super().record(row)
 
