@@ -164,7 +164,7 @@ def test_chunked_prefill_with_cache_equals_one_pass(name):
 
     model = build(VARIANTS[name])
     ids = torch.randint(0, model.cfg.vocab_size, (2, 14))
-    cache = KVCache(model.cfg, 2, 14, torch.device("cpu"), torch.float32)
+    cache = KVCache(model.cfg, 2, 14)
     with torch.no_grad():
         first = model(ids[:, :6], cache=cache).logits
         second = model(ids[:, 6:], cache=cache, start=6).logits

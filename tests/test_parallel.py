@@ -88,6 +88,16 @@ def test_load_run_reads_a_sharded_checkpoint(tmp_path):
     assert model.generate(ids, 4, temperature=0).shape[1] == ids.shape[1] + 4
 
 
+def test_fsdp_in_bfloat16_with_big_matrices_writes_its_sample(tmp_path):
+    """The run ends with a generated sample: its KV cache takes the dtype FSDP computes in
+    (bfloat16), not the float32 of the stored shards, and the oneDNN decode path (for weights
+    of 2^18 elements and more: the 512 x 512 head here) leaves sharded weights alone."""
+    out = tmp_path / "run"
+    train(out, 2, processes=2, parallel="fsdp",
+          extra=("--precision", "bf16", "--set", "model.d_model=512"))
+    assert (out / "samples.txt").read_text().count("--- step 2,") == 1
+
+
 def test_parallel_dims_validation():
     assert ParallelDims.for_mode("fsdp", 4).dp_shard == 4
     assert ParallelDims.for_mode("ddp", 4).dp_degree == 4

@@ -81,14 +81,17 @@ class KVCache:
     attention mask hides the positions not written yet.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, cfg.kv_heads, max_length, cfg.head_size)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int):
+        self.shape = (batch_size, cfg.kv_heads, max_length, cfg.head_size)
+        # Each layer's buffers are made at its first write, in the device and dtype its keys
+        # come in: under autocast or FSDP's mixed precision that is not the parameters' dtype.
+        self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, K, T, D) at `positions` (T,); return all keys and values (B, K, S, D)."""
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k.new_zeros(self.shape), v.new_zeros(self.shape)
         self.keys[layer].index_copy_(2, positions, k)
         self.values[layer].index_copy_(2, positions, v)
         return self.keys[layer], self.values[layer]
@@ -96,7 +99,7 @@ class KVCache:
     def visible(self, positions: torch.Tensor) -> torch.Tensor:
         """(T, S): which cached positions each query at `positions` may attend to: the past
         and itself, not the positions not written yet. The same for every layer."""
-        keys = torch.arange(self.keys[0].shape[2], device=positions.device)
+        keys = torch.arange(self.shape[2], device=positions.device)
         return keys[None, :] <= positions[:, None]
 
 

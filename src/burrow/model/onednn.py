@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 # Weights with fewer elements than this (1 MB of float32) keep PyTorch's default kernel.
 MIN_ELEMENTS = 2**18
@@ -38,9 +39,11 @@ class OneDNNLinear(nn.Module):
 
 
 def usable(model: nn.Module) -> bool:
-    """oneDNN is built in, and the model is a float32 model on a CPU that is not training."""
+    """oneDNN is built in, and the model is a float32 model on a CPU that is not training and
+    whose weights are whole tensors (FSDP's shards are DTensors, which oneDNN cannot take)."""
     first = next(model.parameters(), None)
     return (torch.backends.mkldnn.is_available() and first is not None
+            and not isinstance(first, DTensor)
             and first.device.type == "cpu" and first.dtype == torch.float32
             and not torch.is_grad_enabled())
 
