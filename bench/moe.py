@@ -13,9 +13,10 @@ dense MLP's width, so only the router is added). Three measurements (Fedus et al
   distill   the Switch model distilled into the dense shape with `burrow distill` (0.75 labels
             + 0.25 teacher probabilities, initialised from the non-expert weights, Switch §4):
             the fraction of the teacher's gain over the dense baseline that the student keeps
-            (Table 6: ~30%).
+            (Table 6: ~30%), beside Table 6's initialisation baseline: the same student
+            trained on the labels alone.
 
-    .venv/bin/python bench/moe.py                      # all three: ~85 minutes on 2 cores
+    .venv/bin/python bench/moe.py                      # all three: ~100 minutes on 2 cores
     .venv/bin/python bench/moe.py --part cost          # the step-time ratio only
     .venv/bin/python bench/moe.py --quick              # seconds: checks the script runs
 
@@ -115,6 +116,14 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
     return None
 
 
+def speedup_along(dense: list[tuple[int, float]], switch: list[tuple[int, float]]
+                  ) -> list[tuple[int, float]]:
+    """(s, s / the step at which Switch first reaches the dense loss at step s) for every dense
+    evaluation Switch reaches: how the speed-up grows with the length of the run."""
+    pairs = [(step, steps_to_reach(switch, loss)) for step, loss in dense]
+    return [(step, round(step / reached, 3)) for step, reached in pairs if reached]
+
+
 def quality(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
             ) -> dict[str, Any]:
     out = Path(args.out)
@@ -140,6 +149,7 @@ def quality(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfi
     draw(args.figure, dense_curve, switch_curve, dense_cfg, switch_cfg, reached)
     return {"dense_final_val_loss": target, "switch_final_val_loss": switch_curve[-1][1],
             "switch_steps_to_dense_final": reached, "step_speedup": speedup,
+            "step_speedup_along_dense_curve": speedup_along(dense_curve, switch_curve),
             "dense_curve": dense_curve, "switch_curve": switch_curve,
             "params": {"dense": dense_cfg.model.num_params(),
                        "switch_total": switch_cfg.model.num_params(),
