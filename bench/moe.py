@@ -58,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6000, help="training steps of each run")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5, help="timed pairs of rounds (cost)")
+    parser.add_argument("--save-every", type=int, default=1000,
+                        help="checkpoint interval of the training runs: a run stopped by a "
+                             "kill resumes from its last checkpoint when the command is rerun")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "moe_runs"))
     parser.add_argument("--figure", default=str(ROOT / "docs" / "moe_quality.png"))
     parser.add_argument("--threads", type=int, default=None)
@@ -70,14 +73,17 @@ def parse_args() -> argparse.Namespace:
                             out=str(ROOT / "bench" / "results" / "quick" / "moe_runs"),
                             figure=str(ROOT / "bench" / "results" / "quick" / "moe_quality.png"))
     args = parser.parse_args()
-    if args.steps < 2 or args.eval_every < 1 or args.rounds < 1 or args.experts < 2:
-        raise UserError("--steps >= 2, --eval-every >= 1, --rounds >= 1 and --experts >= 2")
+    if (args.steps < 2 or args.eval_every < 1 or args.rounds < 1 or args.experts < 2
+            or args.save_every < 0):
+        raise UserError("--steps >= 2, --eval-every >= 1, --rounds >= 1, --experts >= 2 and "
+                        "--save-every >= 0")
     return args
 
 
 def run_configs(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
     """The dense run and its Switch twin: 8 experts in every other block, Switch's defaults."""
-    train = TrainConfig(max_steps=args.steps, eval_every=args.eval_every, save_every=0,
+    train = TrainConfig(max_steps=args.steps, eval_every=args.eval_every,
+                        save_every=args.save_every,
                         log_every=max(1, args.steps // 20), device="cpu",
                         warmup_steps=min(100, args.steps // 10))
     if args.quick:
@@ -247,7 +253,7 @@ def distill_run(args: argparse.Namespace, dense_cfg: RunConfig, student: Path,
     command = [sys.executable, "-m", "burrow", "distill", "--teacher", str(out / "switch"),
                "--student", args.dense, "--baseline", str(out / "dense"), "--out", str(student),
                "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
-               "--save-every", "0", "--device", "cpu", "--warmup-steps",
+               "--save-every", str(train.save_every), "--device", "cpu", "--warmup-steps",
                str(train.warmup_steps), "--batch-tokens", str(train.batch_tokens),
                "--micro-batch-size", str(train.micro_batch_size), "--eval-tokens",
                str(train.eval_tokens), "--log-every", str(train.log_every), *weights]
