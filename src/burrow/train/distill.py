@@ -142,13 +142,15 @@ class Distiller(Trainer):
             self.log(f"student: {len(shared)} of {len(self.model.state_dict())} tensors, "
                      f"{copied:,} of {self.cfg.model.num_params():,} parameters, copied from "
                      f"the teacher's non-expert weights; the rest start fresh")
+        if spec.teacher_weight == 0:
+            self.teacher = None  # the initialisation baseline: no need to hold it any longer
         self.soft_cross_entropy: float | None = None
 
     def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
         spec = self.cfg.distill
-        if spec.teacher_weight == 0:
-            # Switch Table 6's initialisation baseline: the teacher's non-expert weights and
-            # the labels alone, so the teacher's forward pass would be wasted.
+        if self.teacher is None:
+            # Switch Table 6's initialisation baseline: the teacher's non-expert weights, then
+            # the labels alone.
             return self.forward(inputs, targets, label_weight=spec.label_weight)
         with torch.no_grad():
             teacher_logits = self.teacher(inputs).logits
