@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from burrow import ModelConfig, Transformer, UserError
-from burrow.model.layers import sinusoid_table
+from burrow.model.layers import RMSNormFunction, sinusoid_table
 from burrow.model.transformer import sample_next
 
 
@@ -275,3 +275,29 @@ def test_bf16_autocast_forward_runs():
         out = model(ids, ids)
     assert out.loss.dtype == torch.float32
     assert F.mse_loss(out.logits.float(), model(ids).logits).item() < 1e-2
+
+
+def test_rmsnorm_and_its_gradients_equal_torchs():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(3, 5, 16, dtype=torch.float64)
+    ours = RMSNormFunction.apply(x, weight, 1e-5)
+    ours_grads = torch.autograd.grad(ours, (x, weight), grad_y)
+    theirs = F.rms_norm(x, (16,), weight, 1e-5)
+    theirs_grads = torch.autograd.grad(theirs, (x, weight), grad_y)
+    torch.testing.assert_close(ours, theirs)
+    for mine, reference in zip(ours_grads, theirs_grads, strict=True):
+        torch.testing.assert_close(mine, reference)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-5),
+                                    (x[:1, :2].detach().requires_grad_(), weight))
+
+
+def test_rmsnorm_keeps_a_bfloat16_input_in_bfloat16_with_float32_statistics():
+    x = (torch.randn(4, 64) * 300).bfloat16().requires_grad_()
+    weight = torch.nn.Parameter(torch.rand(64) + 0.5)
+    y = RMSNormFunction.apply(x, weight, 1e-5)
+    y.float().square().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    reference = F.rms_norm(x.detach().float(), (64,), weight.detach(), 1e-5)
+    torch.testing.assert_close(y.float(), reference, atol=0.02, rtol=0.01)

@@ -15,28 +15,75 @@ from torch import nn
 from burrow.config import ModelConfig
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """y = x / rms(x) * weight (Zhang & Sennrich 2019), with its gradient written out.
+
+    torch's own RMSNorm is a chain of small operators on a CPU, and autograd runs a longer
+    chain backwards through them. Here forward is one norm and two products, and backward
+    five passes: g * weight = gw, x_hat = x / rms, <gw, x_hat>,
+    grad_x = (gw - x_hat <gw, x_hat> / d) / rms and grad_weight = sum over rows of g * x_hat.
+    Statistics are taken in float32 or wider whatever the input's dtype; y has the input's
+    dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        exact = x.to(torch.promote_types(x.dtype, torch.float32))
+        mean_square = torch.linalg.vector_norm(exact, dim=-1, keepdim=True).square_() / x.shape[-1]
+        inverse_rms = torch.rsqrt(mean_square.add_(eps))  # (..., 1)
+        ctx.save_for_backward(x, weight, inverse_rms)
+        return (exact * inverse_rms * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, inverse_rms = ctx.saved_tensors
+        x_hat = x.to(inverse_rms.dtype) * inverse_rms
+        grad_y = grad_y.to(inverse_rms.dtype)
+        grad_x_hat = grad_y * weight
+        projection = torch.linalg.vecdot(grad_x_hat, x_hat).unsqueeze(-1).div_(x.shape[-1])
+        grad_x = grad_x_hat.addcmul_(x_hat, projection, value=-1).mul_(inverse_rms)
+        grad_weight = (grad_y * x_hat).reshape(-1, x.shape[-1]).sum(0)
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (Gopher, Llama); no mean, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     """RMSNorm (Gopher, Llama) or LayerNorm (GPT-3, PaLM; bias only when cfg.bias)."""
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 def rotary_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE's angles (Su et al. 2021) for integer `positions`, each (T, D)."""
+    """RoPE's tables (Su et al. 2021) for integer `positions`, each (T, D): the cosines of the
+    angles, and their sines with the first half negated, as `apply_rotary` uses them."""
     half = cfg.head_size // 2
     exponents = torch.arange(half, device=positions.device, dtype=torch.float32) / half
     inverse_frequency = cfg.rope_theta ** -exponents
     angles = positions.float()[:, None] * inverse_frequency[None, :]  # (T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # the rotate-half layout of Llama
-    return angles.cos(), angles.sin()
+    sines = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sines, sines], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x_i, x_{i+D/2}) of x (B, heads, T, D) by its position's angle."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+D/2}) of x (B, heads, T, D) by its position's angle.
+
+    Llama's rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written as
+    x cos + (x2, x1) signed_sin, three passes over x forward and four backward.
+    """
     first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return torch.addcmul(x * cos, torch.cat([second, first], dim=-1), signed_sin).to(x.dtype)
 
 
 def sinusoid_table(length: int, dim: int, device: torch.device) -> torch.Tensor:

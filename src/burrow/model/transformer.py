@@ -12,7 +12,14 @@ from torch import nn
 
 from burrow.config import ModelConfig
 from burrow.errors import UserError
-from burrow.model.layers import Attention, KVCache, make_mlp, make_norm, rotary_tables
+from burrow.model.layers import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    make_mlp,
+    make_norm,
+    rotary_tables,
+)
 from burrow.model.loss import linear_distillation_loss
 from burrow.model.moe import Experts, Router, RouterStats, SwitchMLP
 from burrow.model.onednn import onednn_linears
@@ -138,7 +145,7 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (Experts, Router)):
                 module.reset_parameters()
-            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
