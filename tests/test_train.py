@@ -58,6 +58,21 @@ def test_weight_decay_only_on_matrices():
                                                                           "u", "v"}
 
 
+def test_switch_routers_are_not_decayed_but_experts_are():
+    from burrow import ModelConfig, Transformer
+    from burrow.config import MoEConfig
+
+    model = Transformer(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2,
+                                    moe=MoEConfig(num_experts=4)))
+    decayed, plain = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert "blocks.1.mlp.router.weight" in plain_names
+    assert {"blocks.1.mlp.experts.up_proj", "blocks.1.mlp.experts.down_proj",
+            "blocks.0.mlp.up_proj.weight"} <= decayed_names
+
+
 def test_training_learns_and_writes_a_complete_run(tmp_path):
     cfg = tiny_run_config(max_steps=30, eval_every=15, save_every=15)
     summary = train(cfg, tmp_path / "run", verbose=False)
