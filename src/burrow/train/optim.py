@@ -15,10 +15,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     Switch routers.
 
     Gopher trained with Adam, which is AdamW with weight_decay=0; Chinchilla with AdamW.
-    Switch trained with Adafactor and no weight decay (Fedus et al. 2021, §2.4); decaying the
-    router pulls its logits to zero, so its gates, which scale each expert's output, stay near
-    1/N (switch-micro, 6,000 steps: mean top-1 gate 0.35 with decay, 0.39 without, and a
-    step speed-up of 1.36x against 1.40x; BENCHMARKS.md).
+    Switch kept T5's training setup (Raffel et al. 2020, §3.1.2: AdaFactor, no weight decay);
+    decaying the router pulls its logits to zero, so its gates, which scale each expert's
+    output, stay near 1/N (switch-micro, 6,000 steps: mean top-1 gate 0.35 with decay, 0.39
+    without, and a step speed-up of 1.36x against 1.40x; BENCHMARKS.md).
     """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
