@@ -18,10 +18,11 @@ from burrow.config import ModelConfig
 class RMSNormFunction(torch.autograd.Function):
     """y = x / rms(x) * weight (Zhang & Sennrich 2019), with its gradient written out.
 
-    torch's own RMSNorm is a chain of small operators on a CPU, and autograd runs a longer
-    chain backwards through them. Here forward is one norm and two products, and backward
-    five passes: g * weight = gw, x_hat = x / rms, <gw, x_hat>,
-    grad_x = (gw - x_hat <gw, x_hat> / d) / rms and grad_weight = sum over rows of g * x_hat.
+    On a CPU, torch's RMSNorm is a chain of small operators that autograd walks back through:
+    about four passes over x forward and ten backward. Here forward is one norm and two
+    products, and backward seven passes: x_hat = x / rms, gx = g * x_hat, <gx, weight> (which
+    equals <g * weight, x_hat>), grad_weight = sum over rows of gx, and
+    grad_x = (g * weight - x_hat <gx, weight> / d) / rms in three.
     Statistics are taken in float32 or wider whatever the input's dtype; y has the input's
     dtype.
     """
@@ -39,10 +40,10 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, inverse_rms = ctx.saved_tensors
         x_hat = x.to(inverse_rms.dtype) * inverse_rms
         grad_y = grad_y.to(inverse_rms.dtype)
-        grad_x_hat = grad_y * weight
-        projection = torch.linalg.vecdot(grad_x_hat, x_hat).unsqueeze(-1).div_(x.shape[-1])
-        grad_x = grad_x_hat.addcmul_(x_hat, projection, value=-1).mul_(inverse_rms)
-        grad_weight = (grad_y * x_hat).reshape(-1, x.shape[-1]).sum(0)
+        scaled = grad_y * x_hat  # its row sums are grad_weight, its rows . weight the projection
+        projection = (scaled @ weight.to(scaled.dtype)).unsqueeze(-1).div_(x.shape[-1])
+        grad_weight = scaled.reshape(-1, x.shape[-1]).sum(0)
+        grad_x = (grad_y * weight).addcmul_(x_hat, projection, value=-1).mul_(inverse_rms)
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), None
 
 

@@ -12,14 +12,7 @@ from torch import nn
 
 from burrow.config import ModelConfig
 from burrow.errors import UserError
-from burrow.model.layers import (
-    Attention,
-    KVCache,
-    RMSNorm,
-    make_mlp,
-    make_norm,
-    rotary_tables,
-)
+from burrow.model.layers import Attention, KVCache, RMSNorm, make_mlp, make_norm, rotary_tables
 from burrow.model.loss import linear_distillation_loss
 from burrow.model.moe import Experts, Router, RouterStats, SwitchMLP
 from burrow.model.onednn import onednn_linears
