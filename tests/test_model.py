@@ -125,26 +125,46 @@ def test_kv_cache_generation_equals_full_forward_passes(name):
     assert torch.equal(generated, sequence)
 
 
-@pytest.mark.parametrize("name", ["rope-mha-serial", "learned-gpt3"])
-def test_onednn_decoding_gives_the_logits_of_the_default_kernels(monkeypatch, name):
-    """Every linear layer through oneDNN (threshold 0): same logits, same greedy tokens, and
-    the model's own layers back afterwards."""
-    import burrow.model.onednn as onednn
+@pytest.mark.parametrize("rows", [1, 3, 65])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("outputs", [48, 53])
+def test_row_block_linear_equals_the_linear_it_views(rows, bias, outputs):
+    """Block by block (up to 64 rows) or whole (more), with rows left over from the blocks
+    or not: the layer's own product, its weight not copied."""
+    from burrow.model.matvec import BLOCKS, MAX_ROWS, RowBlockLinear
 
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this torch has no oneDNN")
+    linear = torch.nn.Linear(40, outputs, bias=bias)
+    blocked = RowBlockLinear(linear)
+    assert blocked.blocks.data_ptr() == linear.weight.data_ptr() and rows != MAX_ROWS
+    assert len(blocked.rest) == outputs % BLOCKS
+    x = torch.randn(2, rows, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(blocked(x), linear(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rope-mha-serial", "learned-gpt3"])
+def test_row_block_decoding_gives_the_logits_of_the_default_kernels(name):
+    """Every linear layer read block by block: same logits, same greedy tokens as the plain
+    layers, and the model's own layers back afterwards."""
+    from burrow.model.matvec import row_block_linears
+
     model = build(VARIANTS[name])
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
     with torch.no_grad():
         expected = model(ids).logits
-        with onednn.onednn_linears(model, min_elements=0) as swapped:
+        with row_block_linears(model) as swapped:
             assert swapped == len(linears)
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
     assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
-    default = model.generate(ids, 10, temperature=0.0)
-    monkeypatch.setattr(onednn, "MIN_ELEMENTS", 0)
-    assert torch.equal(model.generate(ids, 10, temperature=0.0), default)
+    with row_block_linears(model) as swapped:  # a gradient is wanted: the layers stay
+        assert swapped == 0
+    greedy = model.generate(ids, 10, temperature=0.0)
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(10):
+            sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(greedy, sequence)
 
 
 @pytest.mark.parametrize("name", ["rope-gqa"])

@@ -14,8 +14,8 @@ from burrow.config import ModelConfig
 from burrow.errors import UserError
 from burrow.model.layers import Attention, KVCache, RMSNorm, make_mlp, make_norm, rotary_tables
 from burrow.model.loss import linear_distillation_loss
+from burrow.model.matvec import row_block_linears
 from burrow.model.moe import Experts, Router, RouterStats, SwitchMLP
-from burrow.model.onednn import onednn_linears
 
 
 class ModelOutput:
@@ -207,7 +207,8 @@ class Transformer(nn.Module):
         `compile` runs each one-token step through torch.compile: every step has the same
         shapes (the cache is preallocated and the position is a tensor), so it compiles once
         per batch size and length, then spends far less time per token outside the matmuls.
-        Without it, on a CPU, the big matrices go through oneDNN (model/onednn.py).
+        Without it, on a CPU, each weight is read as blocks of rows over the cores
+        (model/matvec.py).
         Returns (B, T + new) with the prompt included.
         """
         B, T = input_ids.shape
@@ -226,7 +227,7 @@ class Transformer(nn.Module):
         step_logits = self._compiled_step() if compile else self._step_logits
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        with nullcontext() if compile else onednn_linears(self):
+        with nullcontext() if compile else row_block_linears(self):
             logits = self(input_ids, cache=cache, last_only=True).logits[:, -1]
             for step in range(max_new_tokens):
                 next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
