@@ -143,9 +143,10 @@ def test_row_block_linear_equals_the_linear_it_views(rows, bias, outputs):
 
 
 @pytest.mark.parametrize("name", ["rope-mha-serial", "learned-gpt3"])
-def test_row_block_decoding_gives_the_logits_of_the_default_kernels(name):
+def test_row_block_decoding_gives_the_logits_of_the_default_kernels(monkeypatch, name):
     """Every linear layer read block by block: same logits, same greedy tokens as the plain
     layers, and the model's own layers back afterwards."""
+    from burrow.model import matvec
     from burrow.model.matvec import row_block_linears
 
     model = build(VARIANTS[name])
@@ -153,12 +154,15 @@ def test_row_block_decoding_gives_the_logits_of_the_default_kernels(name):
     ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
     with torch.no_grad():
         expected = model(ids).logits
-        with row_block_linears(model) as swapped:
+        with row_block_linears(model, min_bytes=0) as swapped:
             assert swapped == len(linears)
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        with row_block_linears(model) as swapped:  # small enough to decode from the caches
+            assert swapped == 0
     assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
-    with row_block_linears(model) as swapped:  # a gradient is wanted: the layers stay
+    with row_block_linears(model, min_bytes=0) as swapped:  # a gradient is wanted
         assert swapped == 0
+    monkeypatch.setattr(matvec, "MIN_BYTES", 0)
     greedy = model.generate(ids, 10, temperature=0.0)
     sequence = ids
     with torch.no_grad():
@@ -168,14 +172,24 @@ def test_row_block_decoding_gives_the_logits_of_the_default_kernels(name):
 
 
 @pytest.mark.parametrize("name", ["rope-gqa"])
-def test_compiled_decode_steps_generate_the_same_tokens(name):
-    """One compiled graph serves every position: the same tokens as eager, sampled or not."""
+def test_compiled_decode_steps_generate_the_same_tokens(monkeypatch, name):
+    """One compiled graph serves every position: the same tokens as eager, sampled or not,
+    with the weights read block by block (model/matvec.py)."""
+    from burrow.model import matvec
+
+    monkeypatch.setattr(matvec, "MIN_BYTES", 0)
     model = build(VARIANTS[name])
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 4))
-    assert torch.equal(model.generate(prompt, 12, temperature=0.0, compile=True),
-                       model.generate(prompt, 12, temperature=0.0))
+    before = model.generate(prompt, 12, temperature=0.0)
+    assert torch.equal(model.generate(prompt, 12, temperature=0.0, compile=True), before)
     assert torch.equal(model.generate(prompt, 12, temperature=0.9, seed=3, compile=True),
                        model.generate(prompt, 12, temperature=0.9, seed=3))
+    with torch.no_grad():  # the compiled step reads the weights, it did not keep them
+        for parameter, other in zip(model.parameters(), build(VARIANTS[name], 1).parameters()):
+            parameter.copy_(other)
+    after = model.generate(prompt, 12, temperature=0.0)
+    assert not torch.equal(after, before)
+    assert torch.equal(model.generate(prompt, 12, temperature=0.0, compile=True), after)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -207,7 +206,7 @@ class Transformer(nn.Module):
         `compile` runs each one-token step through torch.compile: every step has the same
         shapes (the cache is preallocated and the position is a tensor), so it compiles once
         per batch size and length, then spends far less time per token outside the matmuls.
-        Without it, on a CPU, each weight is read as blocks of rows over the cores
+        On a CPU, compiled or not, each weight is read as blocks of rows spread over the cores
         (model/matvec.py).
         Returns (B, T + new) with the prompt included.
         """
@@ -227,7 +226,7 @@ class Transformer(nn.Module):
         step_logits = self._compiled_step() if compile else self._step_logits
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        with nullcontext() if compile else row_block_linears(self):
+        with row_block_linears(self):
             logits = self(input_ids, cache=cache, last_only=True).logits[:, -1]
             for step in range(max_new_tokens):
                 next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
