@@ -12,6 +12,7 @@ so tokens/s cannot exceed read bandwidth / weight bytes per token.
     .venv/bin/python bench/generate.py --shape small    # one of small, 124m, all
     .venv/bin/python bench/generate.py --quick          # a few seconds, tiny shapes
     .venv/bin/python bench/generate.py --compile        # both compile their decode step
+    .venv/bin/python bench/generate.py --tied           # output layer = input embedding
 
 With --compile, burrow runs `generate(..., compile=True)` and transformers a static cache with
 its own automatic compilation of the decode step (switched on for the CPU too); the warm-up
@@ -79,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step of both (static KV caches)")
+    parser.add_argument("--tied", action="store_true",
+                        help="tie the output layer to the input embedding (GPT-2, Gopher, PaLM)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, 20 new tokens, 2 rounds: checks the script runs")
     if parser.parse_args().quick:  # new defaults; options given explicitly still win
@@ -140,7 +143,7 @@ def first_mismatch(ours: torch.Tensor, theirs: torch.Tensor) -> int | None:
 def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace,
                 bandwidth: float, device: torch.device) -> dict[str, Any]:
     """Time both models' generate on one shape; the result entry for the JSON."""
-    cfg = model_config(**shape)
+    cfg = model_config(**shape, tie_embeddings=args.tied)
     torch.manual_seed(args.seed)
     ours = burrow.Transformer(cfg).to(device).eval()
     theirs = llama_twin(ours, use_cache=True).eval()
@@ -173,10 +176,12 @@ def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace,
     mean_length = args.prompt_len + args.new_tokens / 2
     bound = bandwidth / weight_bytes  # tokens/s if reading the weights were all a step did
     return {
-        "label": f"generate {name}" + (" compiled" if args.compile else ""),
+        "label": f"generate {name}" + (" tied" if args.tied else "")
+                 + (" compiled" if args.compile else ""),
         "shape": name,
         "model": describe_config(cfg),
-        "target": None if args.compile else TARGETS[name],  # targets are for default decoding
+        # the targets are for the shapes as given (untied), decoded the default way
+        "target": None if args.compile or args.tied else TARGETS[name],
         "same_tokens": mismatch is None,
         "first_mismatch": mismatch,
         "new_tokens": {"ours": our_tokens.shape[1] - args.prompt_len,

@@ -200,8 +200,16 @@ def llama_twin(model: burrow.Transformer, *, use_cache: bool) -> Any:
     dtype = next(model.parameters()).dtype
     twin = transformers.LlamaForCausalLM(config).to(dtype=dtype, device=model.embed.weight.device)
     names = hf_names(model.cfg)
-    twin.load_state_dict({names[name]: tensor.detach().clone()
-                          for name, tensor in model.state_dict().items()}, strict=True)
+    missing, unexpected = twin.load_state_dict(
+        {names[name]: tensor.detach().clone() for name, tensor in model.state_dict().items()},
+        strict=False)
+    # Tied, transformers' output layer is its embedding table, which burrow's state holds once.
+    tied_head = ["lm_head.weight"] if model.cfg.tie_embeddings else []
+    if missing != tied_head or unexpected:
+        raise RuntimeError(f"the Llama twin's weights: missing {missing}, unexpected {unexpected}")
+    if model.cfg.tie_embeddings:
+        twin.tie_weights()
+        assert twin.lm_head.weight.data_ptr() == twin.model.embed_tokens.weight.data_ptr()
     return twin
 
 

@@ -134,7 +134,7 @@ def test_row_block_linear_equals_the_linear_it_views(rows, bias, outputs):
     from burrow.model.matvec import BLOCKS, MAX_ROWS, RowBlockLinear
 
     linear = torch.nn.Linear(40, outputs, bias=bias)
-    blocked = RowBlockLinear(linear)
+    blocked = RowBlockLinear(linear.weight, linear.bias)
     assert blocked.blocks.data_ptr() == linear.weight.data_ptr() and rows != MAX_ROWS
     assert len(blocked.rest) == outputs % BLOCKS
     x = torch.randn(2, rows, 40)
@@ -144,23 +144,30 @@ def test_row_block_linear_equals_the_linear_it_views(rows, bias, outputs):
 
 @pytest.mark.parametrize("name", ["rope-mha-serial", "learned-gpt3"])
 def test_row_block_decoding_gives_the_logits_of_the_default_kernels(monkeypatch, name):
-    """Every linear layer read block by block: same logits, same greedy tokens as the plain
-    layers, and the model's own layers back afterwards."""
+    """Every linear layer, and a tied model's embedding as its output layer, read block by
+    block: same logits, same greedy tokens as the plain layers, and the model as it was
+    afterwards (its layers, their order, no output layer where it had none)."""
     from burrow.model import matvec
     from burrow.model.matvec import row_block_linears
 
     model = build(VARIANTS[name])
+    tied = model.cfg.tie_embeddings
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    names = [name for name, _ in model.named_parameters()]
     ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    tied_head = model.embed.weight if tied else None
     with torch.no_grad():
         expected = model(ids).logits
-        with row_block_linears(model, min_bytes=0) as swapped:
-            assert swapped == len(linears)
+        with row_block_linears(model, tied_head, min_bytes=0) as swapped:
+            assert swapped == len(linears) + tied
+            assert isinstance(model.head, matvec.RowBlockLinear)
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
-        with row_block_linears(model) as swapped:  # small enough to decode from the caches
+        with row_block_linears(model, tied_head) as swapped:  # small enough for the caches
             assert swapped == 0
     assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
-    with row_block_linears(model, min_bytes=0) as swapped:  # a gradient is wanted
+    assert [name for name, _ in model.named_parameters()] == names
+    assert (model.head is None and "head" not in model._modules) if tied else model.head in linears
+    with row_block_linears(model, tied_head, min_bytes=0) as swapped:  # a gradient is wanted
         assert swapped == 0
     monkeypatch.setattr(matvec, "MIN_BYTES", 0)
     greedy = model.generate(ids, 10, temperature=0.0)
@@ -169,9 +176,10 @@ def test_row_block_decoding_gives_the_logits_of_the_default_kernels(monkeypatch,
         for _ in range(10):
             sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(greedy, sequence)
+    assert [name for name, _ in model.named_parameters()] == names
 
 
-@pytest.mark.parametrize("name", ["rope-gqa"])
+@pytest.mark.parametrize("name", ["rope-gqa", "palm-fan-in"])
 def test_compiled_decode_steps_generate_the_same_tokens(monkeypatch, name):
     """One compiled graph serves every position: the same tokens as eager, sampled or not,
     with the weights read block by block (model/matvec.py)."""

@@ -34,20 +34,20 @@ MIN_BYTES = 12 * 2**20
 
 
 class RowBlockLinear(nn.Module):
-    """An inference-only view of an nn.Linear that multiplies few rows block by block.
+    """An inference-only linear layer y = x W^T + b that multiplies few rows block by block.
 
-    The weight's first out - out % BLOCKS rows are the blocks; the few left over (a vocabulary
-    of 50,257) take one ordinary product.
+    W's first out - out % BLOCKS rows are the blocks; the few left over (a vocabulary of
+    50,257) take one ordinary product. W is a view of the layer's own weight: nothing copied.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight.detach()  # the layer's own storage, nothing copied
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight.detach()
         whole = self.out_features - self.out_features % BLOCKS
         self.blocks = self.weight[:whole].view(BLOCKS, whole // BLOCKS, self.in_features)
         self.rest = self.weight[whole:]
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -71,23 +71,31 @@ def usable(model: nn.Module) -> bool:
 
 
 @contextmanager
-def row_block_linears(model: nn.Module, min_bytes: int | None = None) -> Iterator[int]:
+def row_block_linears(model: nn.Module, tied_head: torch.Tensor | None = None,
+                      min_bytes: int | None = None) -> Iterator[int]:
     """Within the block, the model's nn.Linear layers of at least BLOCKS outputs multiply few
-    rows block by block; then they are put back. Yields how many were swapped: 0 where the
-    model is not usable or its layers' weights are fewer than `min_bytes` (MIN_BYTES)."""
-    swapped: list[tuple[nn.Module, str, nn.Linear]] = []
+    rows block by block; then they are put back. A model with tied embeddings has no output
+    layer (`head` is None) and gives its embedding table as `tied_head`: the model's `head` is
+    then that table read block by block, and None again afterwards. Yields how many layers were
+    swapped: 0 where the model is not usable or their weights are fewer than `min_bytes`
+    (MIN_BYTES)."""
+    swapped: list[tuple[nn.Module, str, nn.Module | None, torch.Tensor, torch.Tensor | None]] = []
     if usable(model):
         for parent in list(model.modules()):
             for name, child in parent.named_children():
                 if isinstance(child, nn.Linear) and child.out_features >= BLOCKS:
-                    swapped.append((parent, name, child))
-    weight_bytes = sum(child.weight.nbytes for _, _, child in swapped)
-    if weight_bytes < (MIN_BYTES if min_bytes is None else min_bytes):
+                    swapped.append((parent, name, child, child.weight, child.bias))
+        if tied_head is not None and len(tied_head) >= BLOCKS:
+            swapped.append((model, "head", None, tied_head, None))
+    if sum(weight.nbytes for *_, weight, _ in swapped) < (
+            MIN_BYTES if min_bytes is None else min_bytes):
         swapped = []
     try:
-        for parent, name, child in swapped:
-            setattr(parent, name, RowBlockLinear(child))
+        for parent, name, _, weight, bias in swapped:
+            setattr(parent, name, RowBlockLinear(weight, bias))
         yield len(swapped)
     finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
+        for parent, name, child, *_ in swapped:
+            if child is None:  # back to a plain attribute, as it was
+                delattr(parent, name)
+            setattr(parent, name, child)  # a layer goes back to its place in the module's order
