@@ -10,6 +10,9 @@ dense MLP's width, so only the router is added). Three measurements (Fedus et al
             same loss (Switch §3, Figure 5 left: 7x for 64 experts at T5-Base scale).
   cost      seconds per training step (forward, backward, AdamW) of the Switch model over the
             dense one, alternating rounds in one process on the same batch.
+  decode    tokens/s of batch-1 greedy generation, Switch over dense, and the Switch model
+            again with the capacity buffers forced, which read every expert's weights for
+            each token instead of the chosen expert's only.
   distill   the Switch model distilled into the dense shape with `burrow distill` (0.75 labels
             + 0.25 teacher probabilities, initialised from the non-expert weights, Switch §4):
             the fraction of the teacher's gain over the dense baseline that the student keeps
@@ -18,6 +21,7 @@ dense MLP's width, so only the router is added). Three measurements (Fedus et al
 
     .venv/bin/python bench/moe.py                      # all three: ~100 minutes on 2 cores
     .venv/bin/python bench/moe.py --part cost          # the step-time ratio only
+    .venv/bin/python bench/moe.py --part decode --dense small   # generation speed
     .venv/bin/python bench/moe.py --quick              # seconds: checks the script runs
 
 Runs go to --out (default bench/results/moe_runs/); the JSON goes to stdout, the figure to
@@ -33,6 +37,7 @@ import json
 import os
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,7 @@ from burrow import UserError, presets
 from burrow.config import RunConfig, TrainConfig
 from burrow.files import save_figure
 from burrow.model import Transformer
+from burrow.model.moe import SwitchMLP
 from burrow.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("all", "quality", "cost", "distill"), default="all")
+    parser.add_argument("--part", choices=("all", "quality", "cost", "decode", "distill"),
+                        default="all")
     # micro, long: the experts' extra parameters pay off only once the dense model is limited
     # by its size rather than by the number of steps it has taken (BENCHMARKS.md)
     parser.add_argument("--dense", default="micro", help="dense preset (default micro)")
@@ -225,6 +232,41 @@ def cost(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
             "switch_steps_per_second": summary(paired.theirs)}
 
 
+def decode(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
+           ) -> dict[str, Any]:
+    """Tokens/s of `generate` (batch 1, greedy), Switch over dense, alternating rounds; then
+    Switch with only its chosen experts' weights read over Switch with the capacity buffers."""
+    new_tokens = 20 if args.quick else 200
+    prompt = torch.randint(0, dense_cfg.model.vocab_size, (1, 16),
+                           generator=torch.Generator().manual_seed(0))
+
+    def generator(cfg: RunConfig, chosen_only: bool = True):
+        torch.manual_seed(0)
+        model = Transformer(cfg.model).eval()
+
+        def round_() -> float:
+            with contextlib.ExitStack() as stack:
+                if not chosen_only:
+                    stack.enter_context(unittest.mock.patch.object(
+                        SwitchMLP, "reads_chosen_experts_only", lambda self, assignments: False))
+                model.generate(prompt, new_tokens, temperature=0.0)  # warm
+                start = time.perf_counter()
+                model.generate(prompt, new_tokens, temperature=0.0)
+                return new_tokens / (time.perf_counter() - start)
+
+        return round_
+
+    against_dense = paired_rounds(generator(switch_cfg), generator(dense_cfg), args.rounds)
+    against_buffers = paired_rounds(generator(switch_cfg), generator(switch_cfg, False),
+                                    args.rounds)
+    return {"new_tokens": new_tokens,
+            "dense_tokens_per_second": summary(against_dense.theirs),
+            "switch_tokens_per_second": summary(against_dense.ours),
+            "switch_over_dense": summary(against_dense.ratios()),
+            "switch_with_capacity_buffers_tokens_per_second": summary(against_buffers.theirs),
+            "chosen_experts_over_capacity_buffers": summary(against_buffers.ratios())}
+
+
 def distill(args: argparse.Namespace, dense_cfg: RunConfig) -> dict[str, Any]:
     """`burrow distill` of the Switch run into the dense shape, against the dense baseline, and
     Switch Table 6's initialisation baseline: the same student trained on the labels alone.
@@ -275,6 +317,9 @@ def main() -> None:
     if args.part in ("all", "cost"):
         log("== cost: seconds per training step")
         result["cost"] = cost(args, dense_cfg, switch_cfg)
+    if args.part in ("all", "decode"):
+        log("== decode: tokens/s of batch-1 generation")
+        result["decode"] = decode(args, dense_cfg, switch_cfg)
     if args.part in ("all", "quality"):
         result["quality"] = quality(args, dense_cfg, switch_cfg)
     if args.part in ("all", "distill"):

@@ -127,6 +127,44 @@ def test_evaluation_uses_its_own_capacity_factor_and_dropless_drops_nothing():
     torch.testing.assert_close(y.double(), reference(layer, x)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("top_k,ffn", [(1, "swiglu"), (2, "gelu")])
+def test_a_few_tokens_at_inference_go_through_their_experts_only(monkeypatch, top_k, ffn):
+    """Fewer assignments than experts and no gradient (decoding): each chosen expert runs
+    once on its own weights, the others not at all, and the outputs are the capacity
+    buffers' and the per-token reference's."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(moe_config(num_experts=8, top_k=top_k), ffn=ffn)
+    layer = SwitchMLP(cfg).eval()
+    layer.router.reset_parameters()
+    layer.experts.reset_parameters()
+    with torch.no_grad():
+        layer.router.weight.mul_(40)
+    x = torch.randn(1, 3, cfg.d_model)
+    buffered, _ = layer(x)  # with a gradient: the capacity buffers, every expert
+    runs = []
+    mlp = layer.experts._mlp
+    monkeypatch.setattr(layer.experts, "_mlp", lambda x, *weights: runs.append(
+        weights[-1].shape) or mlp(x, *weights))
+    with torch.no_grad():
+        y, _ = layer(x)
+    chosen = layer.router(x.reshape(3, -1))[3].unique()
+    assert runs == [layer.experts.down_proj.shape[1:]] * len(chosen)
+    torch.testing.assert_close(y, buffered.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y.double(), reference(layer, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_few_tokens_at_inference_keep_the_capacity():
+    """Hand-built routing, 8 experts, 3 tokens at evaluation: capacity ceil(2.0 x 3 / 8) = 1,
+    so the second token for expert 0 is dropped on the few-token path too."""
+    layer = hand_routed(num_experts=8, d_ff=4, capacity_factor=1.0, sharpness=10).eval()
+    x = torch.stack([torch.eye(8)[e] for e in (0, 0, 3)])[None]  # (1, 3, 8)
+    with torch.no_grad():
+        y, stats = layer(x)
+    assert float(stats.dropped) == pytest.approx(1 / 3)
+    assert torch.equal(y[0, 1], torch.zeros(8)) and y[0, 0].abs().sum() > 0
+    torch.testing.assert_close(y, layer(x)[0].detach())
+
+
 def test_balance_loss_is_alpha_under_uniform_routing_and_grows_under_collapse():
     """Switch eq. 4: alpha * N * sum_i f_i * P_i = alpha when f and P are both uniform."""
     layer = hand_routed(num_experts=4, d_ff=4, capacity_factor=4.0, sharpness=3)

@@ -4,7 +4,9 @@ A router sends each token to its top-k of N expert MLPs (Switch: k = 1; GShard: 
 expert takes at most `capacity` tokens, so that every tensor has a shape known in advance (and
 expert parallelism can exchange fixed-size buffers): tokens over capacity are dropped and pass
 through the block's residual connection unchanged. Dispatch and combine are a stable sort,
-one index_copy and one index_add; the experts run as one batched matmul.
+one index_copy and one index_add; the experts run as one batched matmul. Decoding, with fewer
+tokens than experts, each kept token goes through its own expert only, so that the others'
+weights are not read.
 
 The router works in float32 whatever the autocast dtype ("selective precision", Switch §2.4),
 and adds two losses: the load-balancing loss alpha * N * sum_i f_i * P_i (Switch eq. 4-6)
@@ -91,11 +93,29 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (N, C, d): the tokens each expert received, zero rows where it has room left
-        if self.gated:
-            hidden = F.silu(torch.bmm(x, self.gate_proj)) * torch.bmm(x, self.up_proj)
-        else:
-            hidden = F.gelu(torch.bmm(x, self.up_proj))
-        return torch.bmm(hidden, self.down_proj)  # (N, C, d)
+        return self._mlp(x, self.gate_proj, self.up_proj, self.down_proj)  # (N, C, d)
+
+    def chosen(self, x: torch.Tensor, expert_of: torch.Tensor, kept: torch.Tensor
+               ) -> torch.Tensor:
+        """Each kept row of x (A, d) through the expert it was assigned (expert_of, A), zero
+        where dropped; only those experts' weights are read, one expert at a time.
+
+        For a few tokens at inference (decoding), where forward would read every expert's
+        weights to fill one or two of its slots. The loop is over the experts that received
+        tokens, never over tokens.
+        """
+        out = torch.zeros_like(x)
+        for expert in expert_of[kept].unique().tolist():
+            rows = ((expert_of == expert) & kept).nonzero().squeeze(1)
+            gate = None if self.gate_proj is None else self.gate_proj[expert]
+            out[rows] = self._mlp(x[rows], gate, self.up_proj[expert], self.down_proj[expert])
+        return out
+
+    def _mlp(self, x: torch.Tensor, gate: torch.Tensor | None, up: torch.Tensor,
+             down: torch.Tensor) -> torch.Tensor:
+        """The MLP on x (..., C, d) with weights (..., d, ff) and (..., ff, d)."""
+        hidden = F.silu(x @ gate) * (x @ up) if self.gated else F.gelu(x @ up)
+        return hidden @ down
 
 
 class SwitchMLP(nn.Module):
@@ -149,14 +169,26 @@ class SwitchMLP(nn.Module):
         place_sorted = torch.arange(k * S, device=x.device) - first[expert_of[order]]
         place = torch.empty_like(place_sorted).scatter_(0, order, place_sorted)
         kept = place < capacity
-        # Dropped assignments all write to one spare row past the experts' slots.
-        slot = torch.where(kept, expert_of * capacity + place, N * capacity)
-        buffer = tokens.new_zeros(N * capacity + 1, d).index_copy(0, slot, tokens[token_of])
-        out = self.experts(buffer[:-1].view(N, capacity, d)).reshape(N * capacity, d)
-        out = torch.cat([out, out.new_zeros(1, d)])  # the spare row returns zeros
+        if self.reads_chosen_experts_only(k * S):
+            out = self.experts.chosen(tokens[token_of], expert_of, kept)  # (k*S, d)
+        else:
+            # Dropped assignments all write to one spare row past the experts' slots.
+            slot = torch.where(kept, expert_of * capacity + place, N * capacity)
+            buffer = tokens.new_zeros(N * capacity + 1, d).index_copy(0, slot, tokens[token_of])
+            out = self.experts(buffer[:-1].view(N, capacity, d)).reshape(N * capacity, d)
+            out = torch.cat([out, out.new_zeros(1, d)])[slot]  # the spare row returns zeros
         weight = (gate_of * kept).to(out.dtype)[:, None]
-        y = tokens.new_zeros(S, d, dtype=out.dtype).index_add(0, token_of, out[slot] * weight)
+        y = tokens.new_zeros(S, d, dtype=out.dtype).index_add(0, token_of, out * weight)
         return y.view(B, T, d).to(x.dtype), self._stats(logits, probs, counts, kept)
+
+    def reads_chosen_experts_only(self, assignments: int) -> bool:
+        """Fewer assignments than experts, at inference: decoding a token at a time. The
+        capacity buffers would make every expert read its weights for one or two tokens;
+        `Experts.chosen` reads only the chosen experts'. Not under expert parallelism (every
+        rank must join the all-to-all, which agree_capacity marks) nor inside torch.compile,
+        whose graph must not depend on the routing."""
+        return (assignments < self.num_experts and not torch.is_grad_enabled()
+                and self.agree_capacity is None and not torch.compiler.is_compiling())
 
     def _stats(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
                kept: torch.Tensor) -> RouterStats:
