@@ -248,7 +248,7 @@ def decode(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
             with contextlib.ExitStack() as stack:
                 if not chosen_only:
                     stack.enter_context(unittest.mock.patch.object(
-                        SwitchMLP, "reads_chosen_experts_only", lambda self, assignments: False))
+                        SwitchMLP, "reads_chosen_experts_only", lambda *_: False))
                 model.generate(prompt, new_tokens, temperature=0.0)  # warm
                 start = time.perf_counter()
                 model.generate(prompt, new_tokens, temperature=0.0)

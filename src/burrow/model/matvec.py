@@ -9,8 +9,10 @@ blocks to every core, each reading several blocks at once: measured on that serv
 (bench/generate.py's shapes, every matrix of a decode step in turn, one row), the 124M model's
 438 MB of weights are read in 7.4 ms instead of 24.4 (59 GB/s), the small model's 27 MB in
 0.42-0.48 ms instead of 1.24. The gain holds with one thread (14.1 against 24.3 ms at 124M) and
-up to 256 rows; from 64 rows a product does enough arithmetic per weight that it is no longer
-bound by reading, so longer prompts keep the default kernel.
+up to 256 rows (a batch of sequences, a prompt's prefill): 19.3 against 20.4 ms at the small
+shape, 284 against 326 at 124M. At 512 rows the default kernel is ahead (36.4 against 38.3 ms
+at the small shape): there a product does enough arithmetic per weight read that reading no
+longer bounds it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.distributed.tensor import DTensor
 # How many blocks a weight is cut into: 16 gave the fastest reads at both shapes above.
 BLOCKS = 16
 # Inputs with more rows than this (a long prompt's prefill) use the default kernel.
-MAX_ROWS = 64
+MAX_ROWS = 256
 # Below this many bytes of weights a model's decode step reads them from the CPU's caches, where
 # the default kernel is faster. Measured with 32 MB of last-level cache (tokens/s of the default
 # kernel / of blocks): 5.2 MB 0.76, 10.5 MB 0.94, 14.7 MB 1.17, 16.8 MB 1.13, 27.2 MB 1.66.

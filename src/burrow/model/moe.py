@@ -169,7 +169,7 @@ class SwitchMLP(nn.Module):
         place_sorted = torch.arange(k * S, device=x.device) - first[expert_of[order]]
         place = torch.empty_like(place_sorted).scatter_(0, order, place_sorted)
         kept = place < capacity
-        if self.reads_chosen_experts_only(k * S):
+        if self.reads_chosen_experts_only(k * S, x.device):
             out = self.experts.chosen(tokens[token_of], expert_of, kept)  # (k*S, d)
         else:
             # Dropped assignments all write to one spare row past the experts' slots.
@@ -181,14 +181,16 @@ class SwitchMLP(nn.Module):
         y = tokens.new_zeros(S, d, dtype=out.dtype).index_add(0, token_of, out * weight)
         return y.view(B, T, d).to(x.dtype), self._stats(logits, probs, counts, kept)
 
-    def reads_chosen_experts_only(self, assignments: int) -> bool:
-        """Fewer assignments than experts, at inference: decoding a token at a time. The
-        capacity buffers would make every expert read its weights for one or two tokens;
-        `Experts.chosen` reads only the chosen experts'. Not under expert parallelism (every
-        rank must join the all-to-all, which agree_capacity marks) nor inside torch.compile,
-        whose graph must not depend on the routing."""
-        return (assignments < self.num_experts and not torch.is_grad_enabled()
-                and self.agree_capacity is None and not torch.compiler.is_compiling())
+    def reads_chosen_experts_only(self, assignments: int, device: torch.device) -> bool:
+        """Fewer assignments than experts, at inference, on a CPU: decoding a token at a time.
+        The capacity buffers would make every expert read its weights for one or two tokens;
+        `Experts.chosen` reads only the chosen experts'. Not on a GPU, where its loop waits
+        for the routing at every sparse layer (not measured there); not under expert
+        parallelism (every rank must join the all-to-all, which agree_capacity marks); not
+        inside torch.compile, whose graph must not depend on the routing."""
+        return (assignments < self.num_experts and device.type == "cpu"
+                and not torch.is_grad_enabled() and self.agree_capacity is None
+                and not torch.compiler.is_compiling())
 
     def _stats(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
                kept: torch.Tensor) -> RouterStats:
