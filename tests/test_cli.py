@@ -69,6 +69,18 @@ def test_generate(trained_run):
     assert again.stdout == result.stdout
     greedy = run("generate", str(trained_run), "--prompt", "x", "--temperature", "0")
     assert greedy.returncode == 0
+    assert "tokens/s" in greedy.stderr
+
+
+def test_generate_several_samples_in_one_batch(trained_run):
+    from burrow.commands import SAMPLE_SEPARATOR
+
+    result = run("generate", str(trained_run), "--prompt", "import ", "--max-new-tokens", "20",
+                 "--num-samples", "3", "--seed", "1")
+    samples = result.stdout.rstrip("\n").split(SAMPLE_SEPARATOR)
+    assert result.returncode == 0 and len(samples) == 3
+    assert all(sample.startswith("import ") for sample in samples)
+    assert len(set(samples)) > 1  # sampled independently, not one sample repeated
 
 
 def test_presets_table_and_json():
@@ -112,6 +124,7 @@ def test_interrupt_saves_and_resume_finishes(tmp_path):
     (["train", "--config", "{tmp}/missing.yaml"], ["missing.yaml"]),
     (["eval", "{tmp}"], ["not a run directory"]),
     (["generate", "{tmp}/nowhere", "--prompt", "x"], ["not a run directory"]),
+    (["generate", "{tmp}/nowhere", "--num-samples", "0"], ["--num-samples"]),
     (["train", "--max-stepz", "3"], ["--max-stepz"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--num-samples", type=int, default=1,
+                          help="continuations of the prompt, generated together as one batch")
     generate.add_argument("--device", default="auto")
     generate.add_argument("--compile", action="store_true", help="torch.compile the one-token "
                           "decode step: a compilation first, then faster tokens")

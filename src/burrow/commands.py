@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,10 +156,17 @@ def format_eval(result: dict[str, Any]) -> str:
             f"{result['gzip_bits_per_byte']:.3f}, xz -9e: {result['xz_bits_per_byte']:.3f})")
 
 
+# Printed between the samples of `burrow generate --num-samples N`.
+SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"
+
+
 def generate_command(args: argparse.Namespace) -> str:
-    """The prompt and its continuation. Generation starts after a document separator."""
+    """The prompt and its continuation, or --num-samples of them generated as one batch.
+    Generation starts after a document separator; tokens/s go to stderr."""
     from burrow.run import load_run
 
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     device = _device(args.device)
     model, tokenizer, cfg = load_run(args.run, device=device)
     ids = [tokenizer.eos_id] + tokenizer.encode(args.prompt)
@@ -171,10 +179,16 @@ def generate_command(args: argparse.Namespace) -> str:
         new_tokens = context - len(ids)
         print(f"burrow: note: generating {new_tokens} tokens, all that fit in the context of "
               f"{context}", file=sys.stderr)
-    out = model.generate(torch.tensor([ids], device=device), new_tokens,
+    start = time.perf_counter()
+    out = model.generate(torch.tensor([ids] * args.num_samples, device=device), new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=args.seed, eos_id=tokenizer.eos_id, compile=args.compile)
-    return tokenizer.decode([i for i in out[0, 1:].tolist() if i != tokenizer.eos_id])
+    seconds = time.perf_counter() - start
+    generated = int((out[:, len(ids):] != tokenizer.eos_id).sum())
+    print(f"burrow: {generated} tokens in {seconds:.2f} s ({generated / seconds:,.0f} tokens/s"
+          f"{', compilation included' if args.compile else ''})", file=sys.stderr)
+    return SAMPLE_SEPARATOR.join(
+        tokenizer.decode([i for i in row[1:].tolist() if i != tokenizer.eos_id]) for row in out)
 
 
 def presets_command(args: argparse.Namespace) -> dict[str, Any]:
