@@ -37,7 +37,6 @@ import json
 import os
 import sys
 import time
-import unittest.mock
 from pathlib import Path
 from typing import Any
 
@@ -235,36 +234,40 @@ def cost(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
 def decode(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
            ) -> dict[str, Any]:
     """Tokens/s of `generate` (batch 1, greedy), Switch over dense, alternating rounds; then
-    Switch with only its chosen experts' weights read over Switch with the capacity buffers."""
+    Switch with only its chosen experts' weights read over Switch with the capacity buffers,
+    eager and with the decode step compiled."""
     new_tokens = 20 if args.quick else 200
     prompt = torch.randint(0, dense_cfg.model.vocab_size, (1, 16),
                            generator=torch.Generator().manual_seed(0))
 
-    def generator(cfg: RunConfig, chosen_only: bool = True):
+    def generator(cfg: RunConfig, chosen_only: bool = True, compiled: bool = False):
         torch.manual_seed(0)
         model = Transformer(cfg.model).eval()
+        if not chosen_only:  # on this model's layers only, where a compiled step sees it
+            for layer in model.modules():
+                if isinstance(layer, SwitchMLP):
+                    layer.reads_chosen_experts_only = lambda assignments: False
 
         def round_() -> float:
-            with contextlib.ExitStack() as stack:
-                if not chosen_only:
-                    stack.enter_context(unittest.mock.patch.object(
-                        SwitchMLP, "reads_chosen_experts_only", lambda *_: False))
-                model.generate(prompt, new_tokens, temperature=0.0)  # warm
-                start = time.perf_counter()
-                model.generate(prompt, new_tokens, temperature=0.0)
-                return new_tokens / (time.perf_counter() - start)
+            model.generate(prompt, new_tokens, temperature=0.0, compile=compiled)  # warm
+            start = time.perf_counter()
+            model.generate(prompt, new_tokens, temperature=0.0, compile=compiled)
+            return new_tokens / (time.perf_counter() - start)
 
         return round_
 
+    result: dict[str, Any] = {"new_tokens": new_tokens}
     against_dense = paired_rounds(generator(switch_cfg), generator(dense_cfg), args.rounds)
-    against_buffers = paired_rounds(generator(switch_cfg), generator(switch_cfg, False),
-                                    args.rounds)
-    return {"new_tokens": new_tokens,
-            "dense_tokens_per_second": summary(against_dense.theirs),
-            "switch_tokens_per_second": summary(against_dense.ours),
-            "switch_over_dense": summary(against_dense.ratios()),
-            "switch_with_capacity_buffers_tokens_per_second": summary(against_buffers.theirs),
-            "chosen_experts_over_capacity_buffers": summary(against_buffers.ratios())}
+    result.update(dense_tokens_per_second=summary(against_dense.theirs),
+                  switch_tokens_per_second=summary(against_dense.ours),
+                  switch_over_dense=summary(against_dense.ratios()))
+    for mode, compiled in (("eager", False), ("compiled", True)):
+        paired = paired_rounds(generator(switch_cfg, compiled=compiled),
+                               generator(switch_cfg, False, compiled), args.rounds)
+        result[mode] = {"chosen_experts_tokens_per_second": summary(paired.ours),
+                        "capacity_buffers_tokens_per_second": summary(paired.theirs),
+                        "chosen_experts_over_capacity_buffers": summary(paired.ratios())}
+    return result
 
 
 def distill(args: argparse.Namespace, dense_cfg: RunConfig) -> dict[str, Any]:
