@@ -29,6 +29,7 @@ run train_compile bench/train_throughput.py --compile "$@"
 run generate bench/generate.py --shape all "$@"
 run generate_compile bench/generate.py --shape all --compile "$@"
 run generate_tied bench/generate.py --shape all --tied "$@"
+run decode_kernels bench/decode_kernels.py "$@"
 run chinchilla_fit bench/chinchilla_fit.py "$@"
 run moe bench/moe.py "$@"  # ~100 minutes: four 6,000-step training runs of micro
 "$python" bench/plot.py --results "$results"
