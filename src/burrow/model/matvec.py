@@ -7,8 +7,8 @@ for so few rows runs on one core and keeps one stream of reads in flight: ~17-22
 (out / blocks, in) matrices and multiplying them all with one `torch.bmm` lets torch hand the
 blocks to every core, each reading several blocks at once: measured on that server
 (bench/decode_kernels.py: every matrix of a decode step in turn, one row), the 124M model's
-438 MB of weights are read in 8.4 ms instead of 25.4 (52 GB/s), the small model's 27 MB in
-0.85 ms instead of 2.07. The gain holds with one thread (14.1 against 24.3 ms at 124M) and
+438 MB of weights are read in 8.2 ms instead of 24.3 (53 GB/s), the small model's 27 MB in
+0.81 ms instead of 1.40. The gain holds with one thread (14.1 against 24.3 ms at 124M) and
 up to 256 rows (a batch of sequences, a prompt's prefill): 19.3 against 20.4 ms at the small
 shape, 284 against 326 at 124M. At 512 rows the default kernel is ahead (36.4 against 38.3 ms
 at the small shape): there a product does enough arithmetic per weight read that reading no
