@@ -136,7 +136,7 @@ def test_row_block_linear_equals_the_linear_it_views(rows, bias, outputs):
     linear = torch.nn.Linear(40, outputs, bias=bias)
     blocked = RowBlockLinear(linear.weight, linear.bias)
     assert blocked.blocks.data_ptr() == linear.weight.data_ptr() and rows != MAX_ROWS
-    assert len(blocked.rest) == outputs % BLOCKS
+    assert (0 if blocked.rest is None else len(blocked.rest)) == outputs % BLOCKS
     x = torch.randn(1, rows, 40)
     with torch.no_grad():
         torch.testing.assert_close(blocked(x), linear(x), atol=1e-6, rtol=1e-6)
@@ -148,7 +148,7 @@ def test_row_block_decoding_gives_the_logits_of_the_default_kernels(monkeypatch,
     block: same logits, same greedy tokens as the plain layers, and the model as it was
     afterwards (its layers, their order, no output layer where it had none)."""
     from burrow.model import matvec
-    from burrow.model.matvec import row_block_linears
+    from burrow.model.matvec import decoding_linears
 
     model = build(VARIANTS[name])
     tied = model.cfg.tie_embeddings
@@ -158,16 +158,16 @@ def test_row_block_decoding_gives_the_logits_of_the_default_kernels(monkeypatch,
     tied_head = model.embed.weight if tied else None
     with torch.no_grad():
         expected = model(ids).logits
-        with row_block_linears(model, tied_head, min_bytes=0) as swapped:
+        with decoding_linears(model, tied_head, min_bytes=0, max_stacked_bytes=-1) as swapped:
             assert swapped == len(linears) + tied
             assert isinstance(model.head, matvec.RowBlockLinear)
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
-        with row_block_linears(model, tied_head) as swapped:  # small enough for the caches
+        with decoding_linears(model, tied_head) as swapped:  # small enough for the caches
             assert swapped == 0
     assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
     assert [name for name, _ in model.named_parameters()] == names
     assert (model.head is None and "head" not in model._modules) if tied else model.head in linears
-    with row_block_linears(model, tied_head, min_bytes=0) as swapped:  # a gradient is wanted
+    with decoding_linears(model, tied_head, min_bytes=0) as swapped:  # a gradient is wanted
         assert swapped == 0
     monkeypatch.setattr(matvec, "MIN_BYTES", 0)
     greedy = model.generate(ids, 10, temperature=0.0)
@@ -177,6 +177,36 @@ def test_row_block_decoding_gives_the_logits_of_the_default_kernels(monkeypatch,
             sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(greedy, sequence)
     assert [name for name, _ in model.named_parameters()] == names
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("name", ["rope-gqa", "learned-gpt3", "palm-fan-in"])
+def test_stacked_decoding_gives_the_logits_of_separate_layers(name, blocked):
+    """q, k, v (of GQA's unequal widths, with biases or not) and gate, up stacked into one
+    product each: the same logits; a gradient, or a model over the size limit, keeps them
+    apart; afterwards the model holds no stacked copy."""
+    from burrow.model.layers import Attention, SwiGLU
+    from burrow.model.matvec import decoding_linears
+
+    model = build(VARIANTS[name])
+    stackable = [m for m in model.modules() if isinstance(m, (Attention, SwiGLU))]
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    min_bytes = 0 if blocked else 2**40
+    with torch.no_grad():
+        expected = model(ids).logits
+        with decoding_linears(model, min_bytes=min_bytes):
+            assert all(m.stacked is not None for m in stackable)
+            attention = stackable[0]
+            assert attention.stacked.output_sizes == [
+                getattr(attention, name).out_features for name in attention.stackable]
+            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        with decoding_linears(model, min_bytes=min_bytes, max_stacked_bytes=1000):
+            assert all(m.stacked is None for m in stackable)
+    with decoding_linears(model, min_bytes=min_bytes):  # a gradient is wanted
+        assert all(m.stacked is None for m in stackable)
+    assert all(m.stacked is None for m in stackable)
+    assert not any(name.startswith("stacked") or ".stacked" in name
+                   for name, _ in model.named_modules())
 
 
 @pytest.mark.parametrize("name", ["rope-gqa", "palm-fan-in"])
@@ -212,6 +242,25 @@ def test_chunked_prefill_with_cache_equals_one_pass(name):
         second = model(ids[:, 6:], cache=cache, start=6).logits
         torch.testing.assert_close(torch.cat([first, second], 1), model(ids).logits,
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_cache_reads_the_written_positions_eagerly_and_all_of_them_compiled():
+    """An int start: attention reads positions 0..start+T-1 and needs no mask for one query.
+    A tensor start (a compiled step): the whole buffers, the unwritten positions masked."""
+    from burrow.model import KVCache
+
+    cfg = VARIANTS["rope-gqa"]
+    cache = KVCache(cfg, 2, 10)
+    k, v = torch.randn(2, 2, 3, 12), torch.randn(2, 2, 3, 12)
+    keys, values = cache.update(0, 4, k, v)
+    assert keys.shape[2] == values.shape[2] == 7 and torch.equal(keys[:, :, 4:], k)
+    positions = torch.arange(4, 7)
+    assert torch.equal(cache.visible(4, positions), torch.arange(7)[None] <= positions[:, None])
+    assert cache.visible(6, torch.tensor([6])) is None
+    keys, _ = cache.update(0, torch.tensor(7), k[:, :, :1], v[:, :, :1])
+    assert keys.shape[2] == 10 and torch.equal(keys[:, :, 7], k[:, :, 0])
+    assert torch.equal(cache.visible(torch.tensor(7), torch.tensor([7]))[0],
+                       torch.arange(10) <= 7)
 
 
 def test_sampling_is_seeded_and_respects_top_k():

@@ -70,6 +70,12 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+def make_dropout(p: float) -> nn.Module:
+    """Dropout with probability p; with p = 0 nothing, not even a call that returns its input
+    (~2 us, paid at every block when decoding a token at a time)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def rotary_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's tables (Su et al. 2021) for integer `positions`, each (T, D): the cosines of the
     angles, and their sines with the first half negated, as `apply_rotary` uses them."""
@@ -128,9 +134,10 @@ class RelativePositionBias(nn.Module):
 class KVCache:
     """Keys and values of the tokens seen so far, preallocated for `max_length` positions.
 
-    `update` writes at the query positions and returns the whole buffers, so that a decode
-    step has the same shapes at every position (what lets torch.compile build it once); the
-    attention mask hides the positions not written yet.
+    A forward pass writes its keys at positions start..start+T-1. With `start` an int (eager
+    decoding), attention then reads the positions written so far, 0..start+T-1. With `start` a
+    0-dim tensor (a compiled decode step, whose shapes must not depend on the position), it
+    reads the whole buffers, and the mask from `visible` hides the positions not written yet.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int):
@@ -140,23 +147,48 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
         self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, K, T, D) at `positions` (T,); return all keys and values (B, K, S, D)."""
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, D) from position `start`; return the keys and values (B, K, S, D)
+        attention reads."""
         if self.keys[layer] is None:
             self.keys[layer], self.values[layer] = k.new_zeros(self.shape), v.new_zeros(self.shape)
-        self.keys[layer].index_copy_(2, positions, k)
-        self.values[layer].index_copy_(2, positions, v)
-        return self.keys[layer], self.values[layer]
+        keys, values = self.keys[layer], self.values[layer]
+        if isinstance(start, int):
+            end = start + k.shape[2]
+            keys[:, :, start:end], values[:, :, start:end] = k, v
+            return keys[:, :, :end], values[:, :, :end]
+        positions = start + torch.arange(k.shape[2], device=k.device)
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        return keys, values
 
-    def visible(self, positions: torch.Tensor) -> torch.Tensor:
-        """(T, S): which cached positions each query at `positions` may attend to: the past
-        and itself, not the positions not written yet. The same for every layer."""
-        keys = torch.arange(self.shape[2], device=positions.device)
+    def visible(self, start: int | torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """(T, S): which of the keys `update` returns each query at `positions` (T,) may attend
+        to: the past and itself. None where that is all of them (one query, an int start).
+        The same for every layer."""
+        if isinstance(start, int) and len(positions) == 1:
+            return None
+        length = start + len(positions) if isinstance(start, int) else self.shape[2]
+        keys = torch.arange(length, device=positions.device)
         return keys[None, :] <= positions[:, None]
+
+
+def project(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x through each of the linear layers `module.stackable` names, which all read x.
+
+    One product per layer; or, where decoding has set `module.stacked` (model/matvec.py), one
+    product of their weights stacked, split again: fewer, larger products for a token at a time.
+    """
+    if module.stacked is None:
+        return tuple(getattr(module, name)(x) for name in module.stackable)
+    return module.stacked(x).split(module.stacked.output_sizes, dim=-1)
 
 
 class Attention(nn.Module):
     """Causal multi-head attention with MHA, GQA or MQA (PaLM: one shared key/value head)."""
+
+    stackable = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -168,29 +200,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_inner, bias=cfg.bias)
         self.o_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
         self.relative = RelativePositionBias(cfg) if cfg.positions == "relative" else None
+        self.stacked: nn.Module | None = None  # see `project`
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
                 positions: torch.Tensor, cache: KVCache | None = None,
-                visible: torch.Tensor | None = None) -> torch.Tensor:
-        # positions (T,): the absolute positions of x's tokens; with a cache, visible (T, S) is
-        # cache.visible(positions), computed once for all layers
+                start: int | torch.Tensor = 0, visible: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        # positions (T,): the absolute positions of x's tokens, from `start`; with a cache,
+        # visible is cache.visible(start, positions), made once for all layers
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(self, x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
-            k, v = cache.update(self.layer, positions, k, v)
-        S = k.shape[2]
-        mask, causal = None, False
+            k, v = cache.update(self.layer, start, k, v)
+        mask, causal = visible, cache is None
         if self.relative is not None:
-            mask = self.relative(q, positions, S)
+            mask, causal = self.relative(q, positions, k.shape[2]), False
             q = q + self.relative.u
-        elif cache is None:
-            causal = True
-        else:
-            mask = cache.visible(positions) if visible is None else visible
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.kv_heads != self.n_heads,
             dropout_p=self.dropout if self.training else 0.0,
@@ -201,14 +231,18 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """Shazeer 2020's gated MLP, as in PaLM: down(silu(gate(x)) * up(x))."""
 
+    stackable = ("gate_proj", "up_proj")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_size, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_size, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
+        self.stacked: nn.Module | None = None  # see `project`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self, x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class GeluMLP(nn.Module):

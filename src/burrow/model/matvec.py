@@ -33,35 +33,50 @@ MAX_ROWS = 256
 # the default kernel is faster. Measured with 32 MB of last-level cache (tokens/s of the default
 # kernel / of blocks): 5.2 MB 0.76, 10.5 MB 0.94, 14.7 MB 1.17, 16.8 MB 1.13, 27.2 MB 1.66.
 MIN_BYTES = 12 * 2**20
+# Up to this many bytes of weights, decoding stacks the layers that read the same input.
+MAX_STACKED_BYTES = 64 * 2**20
 
 
 class RowBlockLinear(nn.Module):
     """An inference-only linear layer y = x W^T + b that multiplies few rows block by block.
 
     W's first out - out % BLOCKS rows are the blocks; the few left over (a vocabulary of
-    50,257) take one ordinary product. W is a view of the layer's own weight: nothing copied.
+    50,257) take one ordinary product. W is a view of the given weight: nothing copied.
+    With blocked=False every product is the ordinary one (a stacked weight, below, in a model
+    small enough for the default kernel).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 blocked: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight.detach()
         whole = self.out_features - self.out_features % BLOCKS
         self.blocks = self.weight[:whole].view(BLOCKS, whole // BLOCKS, self.in_features)
-        self.rest = self.weight[whole:]
+        self.rest = self.weight[whole:] if whole < self.out_features else None
         self.bias = None if bias is None else bias.detach()
+        self.max_rows = MAX_ROWS if blocked else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > MAX_ROWS:
+        if rows.shape[0] > self.max_rows:
             return F.linear(x, self.weight, self.bias)
         columns = rows.t().expand(BLOCKS, -1, -1)  # (blocks, in, rows), no copy
         y = torch.bmm(self.blocks, columns)  # (blocks, whole / blocks, rows)
         y = y.permute(2, 0, 1).reshape(rows.shape[0], -1)
-        if len(self.rest):
+        if self.rest is not None:
             y = torch.cat([y, F.linear(rows, self.rest)], dim=1)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+def stacked_linear(layers: list[nn.Module], blocked: bool) -> RowBlockLinear:
+    """One layer whose output is the given layers' outputs side by side: their weights (and
+    biases) stacked, a copy. `output_sizes` says how to split its output again."""
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    stacked = RowBlockLinear(torch.cat([layer.weight for layer in layers]), bias, blocked)
+    stacked.output_sizes = [layer.out_features for layer in layers]
+    return stacked
 
 
 def usable(model: nn.Module) -> bool:
@@ -73,31 +88,51 @@ def usable(model: nn.Module) -> bool:
 
 
 @contextmanager
-def row_block_linears(model: nn.Module, tied_head: torch.Tensor | None = None,
-                      min_bytes: int | None = None) -> Iterator[int]:
-    """Within the block, the model's nn.Linear layers of at least BLOCKS outputs multiply few
-    rows block by block; then they are put back. A model with tied embeddings has no output
-    layer (`head` is None) and gives its embedding table as `tied_head`: the model's `head` is
-    then that table read block by block, and None again afterwards. Yields how many layers were
-    swapped: 0 where the model is not usable or their weights are fewer than `min_bytes`
-    (MIN_BYTES)."""
-    swapped: list[tuple[nn.Module, str, nn.Module | None, torch.Tensor, torch.Tensor | None]] = []
+def decoding_linears(model: nn.Module, tied_head: torch.Tensor | None = None,
+                     min_bytes: int | None = None, max_stacked_bytes: int | None = None
+                     ) -> Iterator[int]:
+    """Within the block, the model's linear layers are set for decoding a few rows; then they
+    are put back as they were.
+
+    - Blocks: with at least `min_bytes` (MIN_BYTES) of weights, every nn.Linear of at least
+      BLOCKS outputs multiplies few rows block by block. A model with tied embeddings has no
+      output layer (`head` is None) and gives its embedding table as `tied_head`: the model's
+      `head` is then that table read block by block, and None again afterwards.
+    - Stacks: with at most `max_stacked_bytes` (MAX_STACKED_BYTES) of weights, each module
+      that names `stackable` layers reading the same input (q, k and v; gate and up) gets them
+      as one `stacked` layer, so that a decode step runs fewer, larger products.
+
+    Yields how many layers were swapped for blocks: 0 where the model is not usable (not on a
+    CPU, a gradient wanted, FSDP shards) or its weights are too few.
+    """
+    linears: list[tuple[nn.Module, str, nn.Module | None, torch.Tensor, torch.Tensor | None]] = []
+    stacks: list[nn.Module] = []
     if usable(model):
         for parent in list(model.modules()):
+            if getattr(parent, "stackable", None):
+                stacks.append(parent)
             for name, child in parent.named_children():
                 if isinstance(child, nn.Linear) and child.out_features >= BLOCKS:
-                    swapped.append((parent, name, child, child.weight, child.bias))
+                    linears.append((parent, name, child, child.weight, child.bias))
         if tied_head is not None and len(tied_head) >= BLOCKS:
-            swapped.append((model, "head", None, tied_head, None))
-    if sum(weight.nbytes for *_, weight, _ in swapped) < (
-            MIN_BYTES if min_bytes is None else min_bytes):
-        swapped = []
+            linears.append((model, "head", None, tied_head, None))
+    weight_bytes = sum(weight.nbytes for *_, weight, _ in linears)
+    blocked = weight_bytes >= (MIN_BYTES if min_bytes is None else min_bytes)
+    if not blocked:
+        linears = []
+    if weight_bytes > (MAX_STACKED_BYTES if max_stacked_bytes is None else max_stacked_bytes):
+        stacks = []
     try:
-        for parent, name, _, weight, bias in swapped:
+        for module in stacks:
+            module.stacked = stacked_linear([getattr(module, name) for name in module.stackable],
+                                            blocked)
+        for parent, name, _, weight, bias in linears:
             setattr(parent, name, RowBlockLinear(weight, bias))
-        yield len(swapped)
+        yield len(linears)
     finally:
-        for parent, name, child, *_ in swapped:
+        for module in stacks:
+            module.stacked = None
+        for parent, name, child, *_ in linears:
             if child is None:  # back to a plain attribute, as it was
                 delattr(parent, name)
             setattr(parent, name, child)  # a layer goes back to its place in the module's order

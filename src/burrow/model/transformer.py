@@ -11,9 +11,17 @@ from torch import nn
 
 from burrow.config import ModelConfig
 from burrow.errors import UserError
-from burrow.model.layers import Attention, KVCache, RMSNorm, make_mlp, make_norm, rotary_tables
+from burrow.model.layers import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    make_dropout,
+    make_mlp,
+    make_norm,
+    rotary_tables,
+)
 from burrow.model.loss import linear_distillation_loss
-from burrow.model.matvec import row_block_linears
+from burrow.model.matvec import decoding_linears
 from burrow.model.moe import Experts, Router, RouterStats, SwitchMLP
 
 
@@ -63,13 +71,13 @@ class Block(nn.Module):
         self.mlp_norm = None if self.parallel else make_norm(cfg)
         self.sparse = cfg.moe.is_sparse(layer)
         self.mlp = SwitchMLP(cfg) if self.sparse else make_mlp(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = make_dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rotary, positions: torch.Tensor,
-                cache: KVCache | None, visible: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, RouterStats | None]:
+                cache: KVCache | None, start: int | torch.Tensor = 0,
+                visible: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats | None]:
         h = self.attn_norm(x)
-        attended = self.dropout(self.attn(h, rotary, positions, cache, visible))
+        attended = self.dropout(self.attn(h, rotary, positions, cache, start, visible))
         if self.parallel:
             x, mlp_in = x + attended, h
         else:
@@ -98,7 +106,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
                           if cfg.positions == "learned" else None)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = make_dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
@@ -169,11 +177,11 @@ class Transformer(nn.Module):
         rotary = rotary_tables(self.cfg, positions) if self.cfg.positions == "rope" else None
         # The keys each query may see in the cache: the same for every layer, so made once
         # (relative attention's own bias masks them).
-        visible = (cache.visible(positions)
+        visible = (cache.visible(start, positions)
                    if cache is not None and self.cfg.positions != "relative" else None)
         router = []
         for block in self.blocks:
-            x, stats = block(x, rotary, positions, cache, visible)
+            x, stats = block(x, rotary, positions, cache, start, visible)
             if stats is not None:
                 router.append(stats)
         x = self.norm(x[:, -1:] if last_only else x)
@@ -226,7 +234,7 @@ class Transformer(nn.Module):
         step_logits = self._compiled_step() if compile else self._step_logits
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        with row_block_linears(self, tied_head=self.embed.weight if self.head is None else None):
+        with decoding_linears(self, tied_head=self.embed.weight if self.head is None else None):
             logits = self(input_ids, cache=cache, last_only=True).logits[:, -1]
             for step in range(max_new_tokens):
                 next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
@@ -236,13 +244,15 @@ class Transformer(nn.Module):
                 tokens.append(next_token)
                 if step + 1 == max_new_tokens or bool(finished.all()):
                     break
-                position = torch.tensor(T + step, device=input_ids.device)
+                # Compiled, the position is a tensor, so that one graph serves them all; eager,
+                # an int, so that attention reads only the cache's written positions.
+                position = torch.tensor(T + step, device=input_ids.device) if compile else T + step
                 logits = step_logits(next_token, cache, position)
         self.train(was_training)
         return torch.cat(tokens, dim=1)
 
     def _step_logits(self, token: torch.Tensor, cache: KVCache,
-                     position: torch.Tensor) -> torch.Tensor:
+                     position: int | torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of the token after `token` (B, 1), which sits at `position`."""
         return self(token, cache=cache, start=position).logits[:, -1]
 
