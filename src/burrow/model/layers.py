@@ -91,10 +91,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     """Rotate each pair (x_i, x_{i+D/2}) of x (B, heads, T, D) by its position's angle.
 
     Llama's rotate-half layout: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), written as
-    x cos + (x2, x1) signed_sin, three passes over x forward and four backward.
+    x cos + (x2, x1) signed_sin, where (x2, x1) is x rolled by D/2: three passes over x forward
+    and three backward (a roll's gradient is the opposite roll).
     """
-    first, second = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat([second, first], dim=-1), signed_sin).to(x.dtype)
+    swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)  # (x2, x1)
+    return torch.addcmul(x * cos, swapped, signed_sin).to(x.dtype)
 
 
 def sinusoid_table(length: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -182,7 +183,7 @@ def project(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """
     if module.stacked is None:
         return tuple(getattr(module, name)(x) for name in module.stackable)
-    return module.stacked(x).split(module.stacked.output_sizes, dim=-1)
+    return module.stacked(x).split_with_sizes(module.stacked.output_sizes, dim=-1)
 
 
 class Attention(nn.Module):

@@ -63,9 +63,10 @@ class RowBlockLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         columns = rows.t().expand(BLOCKS, -1, -1)  # (blocks, in, rows), no copy
         y = torch.bmm(self.blocks, columns)  # (blocks, whole / blocks, rows)
-        y = y.permute(2, 0, 1).reshape(rows.shape[0], -1)
-        if self.rest is not None:
-            y = torch.cat([y, F.linear(rows, self.rest)], dim=1)
+        if rows.shape[0] > 1 or self.rest is not None:  # one row alone is already in order
+            y = y.permute(2, 0, 1).reshape(rows.shape[0], -1)
+            if self.rest is not None:
+                y = torch.cat([y, F.linear(rows, self.rest)], dim=1)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
