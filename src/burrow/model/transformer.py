@@ -214,8 +214,8 @@ class Transformer(nn.Module):
         `compile` runs each one-token step through torch.compile: every step has the same
         shapes (the cache is preallocated and the position is a tensor), so it compiles once
         per batch size and length, then spends far less time per token outside the matmuls.
-        On a CPU, compiled or not, each weight is read as blocks of rows spread over the cores
-        (model/matvec.py).
+        On a CPU, compiled or not, each weight is read as blocks of rows spread over the cores,
+        and in small models q, k, v and gate, up run as one product each (model/matvec.py).
         Returns (B, T + new) with the prompt included.
         """
         B, T = input_ids.shape
@@ -242,7 +242,7 @@ class Transformer(nn.Module):
                     next_token = next_token.masked_fill(finished[:, None], eos_id)
                     finished |= next_token[:, 0] == eos_id
                 tokens.append(next_token)
-                if step + 1 == max_new_tokens or bool(finished.all()):
+                if step + 1 == max_new_tokens or eos_id is not None and bool(finished.all()):
                     break
                 # Compiled, the position is a tensor, so that one graph serves them all; eager,
                 # an int, so that attention reads only the cache's written positions.
