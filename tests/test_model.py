@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from burrow import ModelConfig, Transformer, UserError
-from burrow.model.layers import RMSNormFunction, sinusoid_table
+from burrow.model.layers import RMSNormFunction, rotary_tables, sinusoid_table
 from burrow.model.transformer import sample_next
 
 
@@ -261,6 +261,10 @@ def test_cache_reads_the_written_positions_eagerly_and_all_of_them_compiled():
     assert keys.shape[2] == 10 and torch.equal(keys[:, :, 7], k[:, :, 0])
     assert torch.equal(cache.visible(torch.tensor(7), torch.tensor([7]))[0],
                        torch.arange(10) <= 7)
+    for start in (4, torch.tensor(4)):  # RoPE's tables, made once for every position
+        for table, expected in zip(cache.rotary_at(start, positions),
+                                   rotary_tables(cfg, positions)):
+            torch.testing.assert_close(table, expected)
 
 
 def test_sampling_is_seeded_and_respects_top_k():

@@ -141,12 +141,24 @@ class KVCache:
     reads the whole buffers, and the mask from `visible` hides the positions not written yet.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int,
+                 device: torch.device | str | None = None):
         self.shape = (batch_size, cfg.kv_heads, max_length, cfg.head_size)
         # Each layer's buffers are made at its first write, in the device and dtype its keys
         # come in: under autocast or FSDP's mixed precision that is not the parameters' dtype.
         self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
         self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
+        # RoPE's tables for every position the cache holds, made once: a decode step that
+        # made its own would spend ~10 operators on it.
+        self.rotary = (rotary_tables(cfg, torch.arange(max_length, device=device))
+                       if cfg.positions == "rope" else None)
+
+    def rotary_at(self, start: int | torch.Tensor, positions: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's tables (T, D) at `positions` (T,), which start at `start`."""
+        if isinstance(start, int):
+            return tuple(table[start:start + len(positions)] for table in self.rotary)
+        return tuple(table[positions] for table in self.rotary)
 
     def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

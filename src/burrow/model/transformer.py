@@ -174,7 +174,10 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.drop(x)
-        rotary = rotary_tables(self.cfg, positions) if self.cfg.positions == "rope" else None
+        rotary = None
+        if self.cfg.positions == "rope":
+            rotary = (rotary_tables(self.cfg, positions) if cache is None
+                      else cache.rotary_at(start, positions))
         # The keys each query may see in the cache: the same for every layer, so made once
         # (relative attention's own bias masks them).
         visible = (cache.visible(start, positions)
@@ -230,7 +233,7 @@ class Transformer(nn.Module):
         generator = None
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        cache = KVCache(self.cfg, B, T + max_new_tokens)
+        cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device)
         step_logits = self._compiled_step() if compile else self._step_logits
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
