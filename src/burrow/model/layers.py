@@ -141,21 +141,25 @@ class KVCache:
     reads the whole buffers, and the mask from `visible` hides the positions not written yet.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int,
-                 device: torch.device | str | None = None):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int):
+        self.cfg = cfg
         self.shape = (batch_size, cfg.kv_heads, max_length, cfg.head_size)
         # Each layer's buffers are made at its first write, in the device and dtype its keys
         # come in: under autocast or FSDP's mixed precision that is not the parameters' dtype.
         self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
         self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
-        # RoPE's tables for every position the cache holds, made once: a decode step that
-        # made its own would spend ~10 operators on it.
-        self.rotary = (rotary_tables(cfg, torch.arange(max_length, device=device))
-                       if cfg.positions == "rope" else None)
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # see rotary_at
 
     def rotary_at(self, start: int | torch.Tensor, positions: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE's tables (T, D) at `positions` (T,), which start at `start`."""
+        """RoPE's tables (T, D) at `positions` (T,), which start at `start`.
+
+        The tables of every position the cache holds are made at the first call, on the
+        positions' device: a decode step that made its own would spend ~10 operators on them.
+        """
+        if self.rotary is None or self.rotary[0].device != positions.device:
+            every = torch.arange(self.shape[2], device=positions.device)
+            self.rotary = rotary_tables(self.cfg, every)
         if isinstance(start, int):
             return tuple(table[start:start + len(positions)] for table in self.rotary)
         return tuple(table[positions] for table in self.rotary)

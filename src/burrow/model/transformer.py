@@ -233,7 +233,7 @@ class Transformer(nn.Module):
         generator = None
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        cache = KVCache(self.cfg, B, T + max_new_tokens, input_ids.device)
+        cache = KVCache(self.cfg, B, T + max_new_tokens)
         step_logits = self._compiled_step() if compile else self._step_logits
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
