@@ -228,6 +228,14 @@ def test_compiled_decode_steps_generate_the_same_tokens(monkeypatch, name):
     after = model.generate(prompt, 12, temperature=0.0)
     assert not torch.equal(after, before)
     assert torch.equal(model.generate(prompt, 12, temperature=0.0, compile=True), after)
+    # Other prompt and generation lengths in the same bucket of cache lengths: the same graph.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    longer = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    assert torch.equal(model.generate(longer, 5, temperature=0.0, compile=True),
+                       model.generate(longer, 5, temperature=0.0))
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("name", VARIANTS)

@@ -24,6 +24,11 @@ from burrow.model.loss import linear_distillation_loss
 from burrow.model.matvec import decoding_linears
 from burrow.model.moe import Experts, Router, RouterStats, SwitchMLP
 
+# A compiled decode step is specialised on the cache's length, so `generate(compile=True)`
+# rounds it up to a multiple of this (within the context): every prompt and generation length
+# in a bucket reuses one graph, in the process and from torch's on-disk compile cache.
+COMPILED_CACHE_BUCKET = 256
+
 
 class ModelOutput:
     """What a forward pass returns; the losses only when labels were given.
@@ -216,7 +221,8 @@ class Transformer(nn.Module):
         whose probability reaches p. A row that emits eos_id is padded with eos_id after it.
         `compile` runs each one-token step through torch.compile: every step has the same
         shapes (the cache is preallocated and the position is a tensor), so it compiles once
-        per batch size and length, then spends far less time per token outside the matmuls.
+        per batch size and bucket of lengths (COMPILED_CACHE_BUCKET), then spends far less
+        time per token outside the matmuls.
         On a CPU, compiled or not, each weight is read as blocks of rows spread over the cores,
         and in small models q, k, v and gate, up run as one product each (model/matvec.py).
         Returns (B, T + new) with the prompt included.
@@ -233,7 +239,11 @@ class Transformer(nn.Module):
         generator = None
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        cache = KVCache(self.cfg, B, T + max_new_tokens)
+        length = T + max_new_tokens
+        if compile:  # the mask hides the positions past the end
+            length = min(self.cfg.max_seq_len, -(-length // COMPILED_CACHE_BUCKET)
+                         * COMPILED_CACHE_BUCKET)
+        cache = KVCache(self.cfg, B, length)
         step_logits = self._compiled_step() if compile else self._step_logits
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
