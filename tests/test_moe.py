@@ -12,7 +12,7 @@ from burrow import ModelConfig, Transformer
 from burrow.config import MoEConfig, RunConfig, apply_overrides
 from burrow.errors import UserError
 from burrow.model.flops import flops_per_token, matmul_params
-from burrow.model.layers import GeluMLP, SwiGLU
+from burrow.model.layers import GeluMLP, KVCache, SwiGLU
 from burrow.model.moe import SwitchMLP
 
 
@@ -127,12 +127,13 @@ def test_evaluation_uses_its_own_capacity_factor_and_dropless_drops_nothing():
     torch.testing.assert_close(y.double(), reference(layer, x)[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("top_k,tokens,ffn", [(1, 2, "swiglu"), (2, 1, "gelu")])
+@pytest.mark.parametrize("top_k,tokens,ffn", [(1, 2, "swiglu"), (2, 1, "gelu"),
+                                               (1, 1, "swiglu")])
 def test_a_few_tokens_at_inference_go_through_their_experts_only(monkeypatch, top_k, tokens,
                                                                    ffn):
-    """Two assignments for 8 experts and no gradient (decoding): the experts run once, on the
-    chosen experts' weights only, and the outputs are the capacity buffers' and the per-token
-    reference's."""
+    """One or two assignments for 8 experts and no gradient (decoding): the experts run once,
+    on the chosen experts' weights only (one expert's own weights, not a copy), and the
+    outputs are the capacity buffers' and the per-token reference's."""
     torch.manual_seed(0)
     cfg = dataclasses.replace(moe_config(num_experts=8, top_k=top_k), ffn=ffn)
     layer = SwitchMLP(cfg).eval()
@@ -145,10 +146,15 @@ def test_a_few_tokens_at_inference_go_through_their_experts_only(monkeypatch, to
     runs = []
     mlp = layer.experts._mlp
     monkeypatch.setattr(layer.experts, "_mlp", lambda x, *weights: runs.append(
-        weights[-1].shape) or mlp(x, *weights))
+        weights[-1]) or mlp(x, *weights))
     with torch.no_grad():
         y, _ = layer(x)
-    assert runs == [(2, *layer.experts.down_proj.shape[1:])]
+        expert = int(layer.router(x[0])[3][0, 0])
+    [down] = runs
+    if top_k * tokens == 1:
+        assert down.data_ptr() == layer.experts.down_proj[expert].data_ptr()
+    else:
+        assert down.shape == (2, *layer.experts.down_proj.shape[1:])
     torch.testing.assert_close(y, buffered.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(y.double(), reference(layer, x)[0], rtol=1e-5, atol=1e-6)
 
@@ -323,12 +329,23 @@ def test_compiled_sparse_model_matches_eager():
 
 
 def test_compiled_sparse_decoding_generates_the_eager_tokens():
-    """One token per step for 8 experts: the chosen experts' path, compiled and eager."""
+    """One token per step for 8 experts: the chosen experts' path, compiled and eager, the
+    same tokens as forward passes over the whole sequence; decoding steps report no router
+    statistics, forward passes do."""
     torch.manual_seed(0)
     model = Transformer(moe_config(num_experts=8)).eval()
     prompt = torch.randint(0, 128, (1, 5))
     eager = model.generate(prompt, 12, temperature=0.0)
     assert torch.equal(model.generate(prompt, 12, temperature=0.0, compile=True), eager)
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            out = model(sequence)
+            assert len(out.router) == len([b for b in model.blocks if b.sparse])
+            sequence = torch.cat([sequence, out.logits[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(sequence, eager)
+        cache = KVCache(model.cfg, 1, 6)
+        assert model(prompt, cache=cache).router == []
 
 
 def test_sparse_training_logs_router_metrics_and_plots(tmp_path):

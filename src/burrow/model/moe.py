@@ -104,6 +104,13 @@ class Experts(nn.Module):
         the combine's weight (gate x kept) zeroes them. Shapes do not depend on the routing,
         so a compiled decode step takes this path as well.
         """
+        if len(expert_of) == 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # One assignment, on a CPU, eager: its expert's weights as they are, not a copy.
+            # (Reading the index is free here; on a GPU it would wait for the device, and a
+            # compiled step cannot branch on it.)
+            expert = int(expert_of[0])
+            gate = None if self.gate_proj is None else self.gate_proj[expert]
+            return self._mlp(x, gate, self.up_proj[expert], self.down_proj[expert])
         rows = x[:, None]  # (A, 1, d)
         gate = None if self.gate_proj is None else self.gate_proj[expert_of]  # (A, d, ff)
         return self._mlp(rows, gate, self.up_proj[expert_of], self.down_proj[expert_of])[:, 0]
@@ -119,7 +126,8 @@ class SwitchMLP(nn.Module):
     """The sparse feed-forward layer: route, dispatch to capacity, run experts, combine.
 
     forward(x (B, T, d)) -> (y (B, T, d), RouterStats). y is zero for a dropped token, so the
-    block's residual passes it on unchanged (Switch §2.2).
+    block's residual passes it on unchanged (Switch §2.2). The stats' ~15 small operators are
+    left out (None) when decoding asks for none.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -146,7 +154,9 @@ class SwitchMLP(nn.Module):
             capacity = self.agree_capacity(capacity)
         return max(capacity, 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x: torch.Tensor, stats: bool = True
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        # stats=False: no RouterStats (None), for decoding, which has no use for them
         B, T, d = x.shape
         tokens = x.reshape(B * T, d)  # (S, d)
         S, N, k = B * T, self.num_experts, self.top_k
@@ -176,7 +186,8 @@ class SwitchMLP(nn.Module):
             out = torch.cat([out, out.new_zeros(1, d)])[slot]  # the spare row returns zeros
         weight = (gate_of * kept).to(out.dtype)[:, None]
         y = tokens.new_zeros(S, d, dtype=out.dtype).index_add(0, token_of, out * weight)
-        return y.view(B, T, d).to(x.dtype), self._stats(logits, probs, counts, kept)
+        y = y.view(B, T, d).to(x.dtype)
+        return y, self._stats(logits, probs, counts, kept) if stats else None
 
     def reads_chosen_experts_only(self, assignments: int) -> bool:
         """At most a quarter as many assignments as experts, at inference: decoding. The

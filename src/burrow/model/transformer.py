@@ -36,7 +36,8 @@ class ModelOutput:
     logits (B, T, V). loss: cross-entropy + z-loss + the routers' losses, what is optimised.
     cross_entropy: mean nats per predicted token (a metric without gradient when other terms
     are on). soft_cross_entropy: against a teacher's probabilities, when one was given.
-    router: one RouterStats per sparse layer, empty for a dense model. With labels the loss is
+    router: one RouterStats per sparse layer, empty for a dense model (and when decoding
+    with a cache and no gradient, which has no use for them). With labels the loss is
     computed without materialising all logits at once (model/loss.py); `logits` is then
     computed when first read.
     """
@@ -89,8 +90,8 @@ class Block(nn.Module):
             x = x + attended
             mlp_in = self.mlp_norm(x)
         stats = None
-        if self.sparse:
-            mlp_out, stats = self.mlp(mlp_in)
+        if self.sparse:  # decoding with a cache, no loss: no use for the router's statistics
+            mlp_out, stats = self.mlp(mlp_in, stats=cache is None or torch.is_grad_enabled())
         else:
             mlp_out = self.mlp(mlp_in)
         return x + self.dropout(mlp_out), stats
