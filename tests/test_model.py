@@ -170,10 +170,11 @@ def test_row_block_decoding_gives_the_logits_of_the_default_kernels(monkeypatch,
     with decoding_linears(model, tied_head, min_bytes=0) as swapped:  # a gradient is wanted
         assert swapped == 0
     monkeypatch.setattr(matvec, "MIN_BYTES", 0)
-    greedy = model.generate(ids, 10, temperature=0.0)
+    steps = matvec.MIN_STACKED_STEPS  # enough for stacked q, k, v and gate, up too
+    greedy = model.generate(ids, steps, temperature=0.0)
     sequence = ids
     with torch.no_grad():
-        for _ in range(10):
+        for _ in range(steps):
             sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(greedy, sequence)
     assert [name for name, _ in model.named_parameters()] == names
@@ -186,7 +187,7 @@ def test_stacked_decoding_gives_the_logits_of_separate_layers(name, blocked):
     product each: the same logits; a gradient, or a model over the size limit, keeps them
     apart; afterwards the model holds no stacked copy."""
     from burrow.model.layers import Attention, SwiGLU
-    from burrow.model.matvec import decoding_linears
+    from burrow.model.matvec import MIN_STACKED_STEPS, decoding_linears
 
     model = build(VARIANTS[name])
     stackable = [m for m in model.modules() if isinstance(m, (Attention, SwiGLU))]
@@ -202,6 +203,8 @@ def test_stacked_decoding_gives_the_logits_of_separate_layers(name, blocked):
             torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
         with decoding_linears(model, min_bytes=min_bytes, max_stacked_bytes=1000):
             assert all(m.stacked is None for m in stackable)
+        with decoding_linears(model, min_bytes=min_bytes, steps=MIN_STACKED_STEPS - 1):
+            assert all(m.stacked is None for m in stackable)  # too few steps to repay the copy
     with decoding_linears(model, min_bytes=min_bytes):  # a gradient is wanted
         assert all(m.stacked is None for m in stackable)
     assert all(m.stacked is None for m in stackable)

@@ -17,8 +17,9 @@ longer bounds it.
 A decode step of a small model is bound less by its reads than by its operators, each a few
 microseconds to dispatch. So in models of up to 64 MiB of weights the layers that read the same
 input, q, k and v, and SwiGLU's gate and up, are multiplied as one product of their stacked
-weights (a copy, made for the call): at the benchmark's small shape (27 MB) 743 against 689
-tokens/s. At 124M (438 MB) stacking gained nothing (80.7 against 81.3) and would copy 340 MB.
+weights (a copy, made for the call, so only for 32 tokens or more): at the benchmark's small
+shape (27 MB) 743 against 689 tokens/s. At 124M (438 MB) stacking gained nothing (80.7 against
+81.3) and would copy 340 MB.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ MAX_ROWS = 256
 # the default kernel is faster. Measured with 32 MB of last-level cache (tokens/s of the default
 # kernel / of blocks): 5.2 MB 0.76, 10.5 MB 0.94, 14.7 MB 1.17, 16.8 MB 1.13, 27.2 MB 1.66.
 MIN_BYTES = 12 * 2**20
-# Up to this many bytes of weights, decoding stacks the layers that read the same input.
+# Up to this many bytes of weights, decoding stacks the layers that read the same input...
 MAX_STACKED_BYTES = 64 * 2**20
+# ... when it makes at least this many steps: the stacked copies cost ~4 ms to make at the small
+# shape (mostly fresh pages), repaid from ~32 tokens (measured, ms per call, stacked / not:
+# 4 tokens 10.9 / 8.0, 16 tokens 24.4 / 22.6, 32 tokens 41.6 / 41.7, 64 tokens 76.6 / 79.8).
+MIN_STACKED_STEPS = 32
 
 
 class RowBlockLinear(nn.Module):
@@ -96,8 +101,8 @@ def usable(model: nn.Module) -> bool:
 
 @contextmanager
 def decoding_linears(model: nn.Module, tied_head: torch.Tensor | None = None,
-                     min_bytes: int | None = None, max_stacked_bytes: int | None = None
-                     ) -> Iterator[int]:
+                     min_bytes: int | None = None, max_stacked_bytes: int | None = None,
+                     steps: int = MIN_STACKED_STEPS) -> Iterator[int]:
     """Within the block, the model's linear layers are set for decoding a few rows; then they
     are put back as they were.
 
@@ -105,9 +110,10 @@ def decoding_linears(model: nn.Module, tied_head: torch.Tensor | None = None,
       BLOCKS outputs multiplies few rows block by block. A model with tied embeddings has no
       output layer (`head` is None) and gives its embedding table as `tied_head`: the model's
       `head` is then that table read block by block, and None again afterwards.
-    - Stacks: with at most `max_stacked_bytes` (MAX_STACKED_BYTES) of weights, each module
-      that names `stackable` layers reading the same input (q, k and v; gate and up) gets them
-      as one `stacked` layer, so that a decode step runs fewer, larger products.
+    - Stacks: with at most `max_stacked_bytes` (MAX_STACKED_BYTES) of weights, and for at
+      least MIN_STACKED_STEPS decode `steps`, each module that names `stackable` layers
+      reading the same input (q, k and v; gate and up) gets them as one `stacked` layer, so
+      that a decode step runs fewer, larger products.
 
     Yields how many layers were swapped for blocks: 0 where the model is not usable (not on a
     CPU, a gradient wanted, FSDP shards) or its weights are too few.
@@ -127,7 +133,8 @@ def decoding_linears(model: nn.Module, tied_head: torch.Tensor | None = None,
     blocked = weight_bytes >= (MIN_BYTES if min_bytes is None else min_bytes)
     if not blocked:
         linears = []
-    if weight_bytes > (MAX_STACKED_BYTES if max_stacked_bytes is None else max_stacked_bytes):
+    if steps < MIN_STACKED_STEPS or weight_bytes > (
+            MAX_STACKED_BYTES if max_stacked_bytes is None else max_stacked_bytes):
         stacks = []
     try:
         for module in stacks:

@@ -248,7 +248,8 @@ class Transformer(nn.Module):
         step_logits = self._compiled_step() if compile else self._step_logits
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        with decoding_linears(self, tied_head=self.embed.weight if self.head is None else None):
+        with decoding_linears(self, tied_head=self.embed.weight if self.head is None else None,
+                              steps=max_new_tokens):
             logits = self(input_ids, cache=cache, last_only=True).logits[:, -1]
             for step in range(max_new_tokens):
                 next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
