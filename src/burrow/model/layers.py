@@ -95,7 +95,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     and three backward (a roll's gradient is the opposite roll).
     """
     swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)  # (x2, x1)
-    return torch.addcmul(x * cos, swapped, signed_sin).to(x.dtype)
+    rotated = torch.addcmul(x * cos, swapped, signed_sin)  # float32 tables promote bf16 x
+    return rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
 
 
 def sinusoid_table(length: int, dim: int, device: torch.device) -> torch.Tensor:
