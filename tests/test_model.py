@@ -125,6 +125,16 @@ def test_kv_cache_generation_equals_full_forward_passes(name):
     assert torch.equal(generated, sequence)
 
 
+def test_generation_leaves_the_model_ready_to_train():
+    """generate runs in inference mode, yet what it returns is an ordinary tensor that a
+    training step accepts, and the model is back in training mode."""
+    model = build(VARIANTS["rope-mha-serial"]).train()
+    generated = model.generate(torch.zeros(2, 3, dtype=torch.long), 6, temperature=0.0)
+    assert not generated.is_inference() and model.training
+    model(generated[:, :-1], labels=generated[:, 1:]).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.parametrize("rows", [1, 3, 257])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("outputs", [48, 53])

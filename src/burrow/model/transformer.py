@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from burrow.config import ModelConfig
 from burrow.errors import UserError
@@ -212,7 +213,6 @@ class Transformer(nn.Module):
         logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
         return logits * self.logit_scale if self.logit_scale != 1.0 else logits
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  eos_id: int | None = None, compile: bool = False) -> torch.Tensor:
@@ -235,11 +235,28 @@ class Transformer(nn.Module):
             raise UserError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the "
                             f"context of {self.cfg.max_seq_len}; shorten the prompt or ask for "
                             "fewer tokens")
-        was_training = self.training
-        self.eval()
         generator = None
         if seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        # Inference mode spares every operator autograd's bookkeeping: ~10% of a small model's
+        # decode step on a CPU. Not for FSDP's shards (DTensors), whose hooks would make the
+        # buffers of the gathered weights inference tensors, unusable when training resumes.
+        sharded = isinstance(next(self.parameters()), DTensor)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad() if sharded else torch.inference_mode():
+                tokens = self._decode(input_ids, max_new_tokens, temperature, top_k, top_p,
+                                      generator, eos_id, compile)
+        finally:
+            self.train(was_training)
+        return tokens.clone()  # an ordinary tensor, which autograd accepts (inference ones not)
+
+    def _decode(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+                eos_id: int | None, compile: bool) -> torch.Tensor:
+        """generate's loop: prefill the cache with the prompt, then one token per step."""
+        B, T = input_ids.shape
         length = T + max_new_tokens
         if compile:  # the mask hides the positions past the end
             length = min(self.cfg.max_seq_len, -(-length // COMPILED_CACHE_BUCKET)
@@ -263,7 +280,6 @@ class Transformer(nn.Module):
                 # an int, so that attention reads only the cache's written positions.
                 position = torch.tensor(T + step, device=input_ids.device) if compile else T + step
                 logits = step_logits(next_token, cache, position)
-        self.train(was_training)
         return torch.cat(tokens, dim=1)
 
     def _step_logits(self, token: torch.Tensor, cache: KVCache,
