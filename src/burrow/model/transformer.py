@@ -226,7 +226,8 @@ class Transformer(nn.Module):
         time per token outside the matmuls.
         On a CPU, compiled or not, each weight is read as blocks of rows spread over the cores,
         and in small models q, k, v and gate, up run as one product each (model/matvec.py).
-        Returns (B, T + new) with the prompt included.
+        Runs in inference mode, but for FSDP-sharded models (then without gradients).
+        Returns (B, T + new) with the prompt included, an ordinary tensor.
         """
         B, T = input_ids.shape
         if T == 0:
