@@ -159,6 +159,24 @@ def test_a_few_tokens_at_inference_go_through_their_experts_only(monkeypatch, to
     torch.testing.assert_close(y.double(), reference(layer, x)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_one_token_decoding_skips_the_queue_and_gives_the_same_output(monkeypatch, top_k):
+    """One token without statistics (a decode step): no sort, since nothing can be dropped,
+    and the output of the full dispatch and combine."""
+    torch.manual_seed(0)
+    layer = SwitchMLP(moe_config(num_experts=8, top_k=top_k)).eval()
+    layer.router.reset_parameters()
+    layer.experts.reset_parameters()
+    x = torch.randn(1, 1, layer.router.weight.shape[1])
+    with torch.no_grad():
+        full, stats = layer(x)
+        monkeypatch.setattr(torch, "argsort", None)  # the queue is not built
+        y, none = layer(x, stats=False)
+    assert stats is not None and none is None
+    torch.testing.assert_close(y, full, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y.double(), reference(layer, x)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_a_few_tokens_at_inference_keep_the_capacity():
     """Hand-built routing, 16 experts, 3 tokens at evaluation: capacity ceil(2.0 x 3 / 16) = 1,
     so the second token for expert 0 is dropped on the few-token path too."""

@@ -161,6 +161,12 @@ class SwitchMLP(nn.Module):
         tokens = x.reshape(B * T, d)  # (S, d)
         S, N, k = B * T, self.num_experts, self.top_k
         logits, probs, gates, experts = self.router(tokens)
+        if S == 1 and not stats and self.reads_chosen_experts_only(k):
+            # One token (decoding one sequence): its k assignments go to k different experts,
+            # each with room for it, so there is no queue to sort and nothing to drop.
+            out = self.experts.chosen(tokens.expand(k, d), experts[0])  # (k, d)
+            y = (gates[0, :, None].to(out.dtype) * out).sum(0)
+            return y.view(B, T, d).to(x.dtype), None
         # Assignments in priority order: every token's first choice before any second choice
         # (GShard), then by position in the batch (Switch): (k*S,)
         expert_of = experts.t().reshape(-1)
