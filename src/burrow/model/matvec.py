@@ -91,12 +91,17 @@ def stacked_linear(layers: list[nn.Module], blocked: bool) -> RowBlockLinear:
     return stacked
 
 
+def sharded(model: nn.Module) -> bool:
+    """The model's weights are FSDP's shards (DTensors), not whole tensors."""
+    return isinstance(next(model.parameters(), None), DTensor)
+
+
 def usable(model: nn.Module) -> bool:
     """The model is on a CPU, not training, and its weights are whole tensors (FSDP's shards
-    are DTensors, which cannot be viewed as blocks)."""
+    cannot be viewed as blocks)."""
     first = next(model.parameters(), None)
-    return (first is not None and not isinstance(first, DTensor)
-            and first.device.type == "cpu" and not torch.is_grad_enabled())
+    return (first is not None and not sharded(model) and first.device.type == "cpu"
+            and not torch.is_grad_enabled())
 
 
 @contextmanager

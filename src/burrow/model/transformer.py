@@ -8,7 +8,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from burrow.config import ModelConfig
 from burrow.errors import UserError
@@ -22,7 +21,7 @@ from burrow.model.layers import (
     rotary_tables,
 )
 from burrow.model.loss import linear_distillation_loss
-from burrow.model.matvec import decoding_linears
+from burrow.model.matvec import decoding_linears, sharded
 from burrow.model.moe import Experts, Router, RouterStats, SwitchMLP
 
 # A compiled decode step is specialised on the cache's length, so `generate(compile=True)`
@@ -242,11 +241,10 @@ class Transformer(nn.Module):
         # Inference mode spares every operator autograd's bookkeeping: ~10% of a small model's
         # decode step on a CPU. Not for FSDP's shards (DTensors), whose hooks would make the
         # buffers of the gathered weights inference tensors, unusable when training resumes.
-        sharded = isinstance(next(self.parameters()), DTensor)
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad() if sharded else torch.inference_mode():
+            with torch.no_grad() if sharded(self) else torch.inference_mode():
                 tokens = self._decode(input_ids, max_new_tokens, temperature, top_k, top_p,
                                       generator, eos_id, compile)
         finally:
