@@ -63,6 +63,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=8, help="experts per sparse layer")
     parser.add_argument("--steps", type=int, default=6000, help="training steps of each run")
     parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--schedule", default="cosine", choices=("cosine", "rsqrt", "constant"),
+                        help="learning-rate schedule of both runs after the warmup")
+    parser.add_argument("--switch-steps", type=int, nargs="*", default=[],
+                        help="quality: also train Switch runs of these lengths, each with its "
+                             "own schedule, and report the shortest that reaches the dense "
+                             "run's final loss")
     parser.add_argument("--rounds", type=int, default=5, help="timed pairs of rounds (cost)")
     parser.add_argument("--save-every", type=int, default=1000,
                         help="checkpoint interval of the training runs: a run stopped by a "
@@ -76,7 +82,7 @@ def parse_args() -> argparse.Namespace:
                              "threads, micro ~1.04x)")
     parser.add_argument("--quick", action="store_true", help="tiny runs: checks the script runs")
     if parser.parse_args().quick:
-        parser.set_defaults(steps=12, eval_every=4, rounds=1, dense="micro",
+        parser.set_defaults(steps=12, eval_every=4, rounds=1, dense="micro", switch_steps=[8],
                             out=str(ROOT / "bench" / "results" / "quick" / "moe_runs"),
                             figure=str(ROOT / "bench" / "results" / "quick" / "moe_quality.png"))
     args = parser.parse_args()
@@ -84,6 +90,8 @@ def parse_args() -> argparse.Namespace:
             or args.save_every < 0):
         raise UserError("--steps >= 2, --eval-every >= 1, --rounds >= 1, --experts >= 2 and "
                         "--save-every >= 0")
+    if any(not 2 <= steps < args.steps for steps in args.switch_steps):
+        raise UserError(f"--switch-steps: each length must be in [2, --steps={args.steps})")
     return args
 
 
@@ -92,7 +100,7 @@ def run_configs(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
     train = TrainConfig(max_steps=args.steps, eval_every=args.eval_every,
                         save_every=args.save_every,
                         log_every=max(1, args.steps // 20), device="cpu",
-                        warmup_steps=min(100, args.steps // 10))
+                        warmup_steps=min(100, args.steps // 10), schedule=args.schedule)
     if args.quick:
         train = dataclasses.replace(train, batch_tokens=2048, micro_batch_size=8,
                                     eval_tokens=4096)
@@ -137,36 +145,60 @@ def speedup_along(dense: list[tuple[int, float]], switch: list[tuple[int, float]
     return [(step, round(step / reached, 3)) for step, reached in pairs if reached]
 
 
+def train_all(runs: dict[str, RunConfig], out: Path, concurrent: bool
+              ) -> dict[str, list[tuple[int, float]]]:
+    """Train the runs (name -> config) into out/name; their validation curves by name."""
+    if not concurrent:
+        return {name: train_quietly(cfg, out / name) for name, cfg in runs.items()}
+    # Small models use two threads poorly: two one-thread runs side by side finish sooner
+    # than the same runs one after the other with two threads each.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {name: pool.submit(train_quietly, cfg, out / name, 1)
+                for name, cfg in runs.items()}
+        return {name: job.result() for name, job in jobs.items()}
+
+
+def shorter_runs(args: argparse.Namespace, switch_cfg: RunConfig, target: float
+                 ) -> dict[str, Any]:
+    """Switch runs of fewer steps, each with its whole schedule (a cosine run is annealed at
+    its own end): the shortest run whose final loss reaches `target` is the number of steps
+    Switch needs, with no credit for a learning rate the longer run had not yet decayed."""
+    runs = {f"switch_{steps}": dataclasses.replace(switch_cfg, train=dataclasses.replace(
+        switch_cfg.train, max_steps=steps, log_every=max(1, steps // 20)))
+        for steps in args.switch_steps}
+    curves = train_all(runs, Path(args.out), args.concurrent)
+    finals = sorted((steps, curves[f"switch_{steps}"][-1][1]) for steps in args.switch_steps)
+    reaching = [steps for steps, loss in finals if loss <= target]
+    return {"final_val_loss_by_steps": finals,
+            "shortest_reaching_dense_final": min(reaching) if reaching else None,
+            "step_speedup_at_least": args.steps / min(reaching) if reaching else None}
+
+
 def quality(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
             ) -> dict[str, Any]:
-    out = Path(args.out)
     log(f"== dense {dense_cfg.preset}: {dense_cfg.model.num_params():,} parameters; "
         f"{switch_cfg.preset}: {switch_cfg.model.num_params():,} parameters, "
         f"{switch_cfg.model.num_params(active=True):,} active")
-    if args.concurrent:
-        # Small models use two threads poorly: two one-thread runs side by side finish sooner
-        # than the same runs one after the other with two threads each.
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            dense_job = pool.submit(train_quietly, dense_cfg, out / "dense", 1)
-            switch_job = pool.submit(train_quietly, switch_cfg, out / "switch", 1)
-            dense_curve, switch_curve = dense_job.result(), switch_job.result()
-    else:
-        dense_curve = train_quietly(dense_cfg, out / "dense")
-        switch_curve = train_quietly(switch_cfg, out / "switch")
+    curves = train_all({"dense": dense_cfg, "switch": switch_cfg}, Path(args.out),
+                       args.concurrent)
+    dense_curve, switch_curve = curves["dense"], curves["switch"]
     target = dense_curve[-1][1]
     reached = steps_to_reach(switch_curve, target)
     speedup = dense_curve[-1][0] / reached if reached else None
     draw(args.figure, dense_curve, switch_curve, dense_cfg, switch_cfg, reached)
-    return {"dense_final_val_loss": target, "switch_final_val_loss": switch_curve[-1][1],
-            "switch_steps_to_dense_final": reached, "step_speedup": speedup,
-            "step_speedup_along_dense_curve": speedup_along(dense_curve, switch_curve),
-            "dense_curve": dense_curve, "switch_curve": switch_curve,
-            "params": {"dense": dense_cfg.model.num_params(),
-                       "switch_total": switch_cfg.model.num_params(),
-                       "switch_active": switch_cfg.model.num_params(active=True)}}
+    result = {"dense_final_val_loss": target, "switch_final_val_loss": switch_curve[-1][1],
+              "switch_steps_to_dense_final": reached, "step_speedup": speedup,
+              "step_speedup_along_dense_curve": speedup_along(dense_curve, switch_curve),
+              "dense_curve": dense_curve, "switch_curve": switch_curve,
+              "params": {"dense": dense_cfg.model.num_params(),
+                         "switch_total": switch_cfg.model.num_params(),
+                         "switch_active": switch_cfg.model.num_params(active=True)}}
+    if args.switch_steps:
+        result["shorter_switch_runs"] = shorter_runs(args, switch_cfg, target)
+    return result
 
 
 def draw(path: str, dense: list, switch: list, dense_cfg: RunConfig, switch_cfg: RunConfig,
@@ -315,7 +347,8 @@ def main() -> None:
     dense_cfg, switch_cfg = run_configs(args)
     result: dict[str, Any] = {"benchmark": "moe", "machine": machine(torch.device("cpu")),
                               "dense": args.dense, "experts": args.experts,
-                              "steps": args.steps, "concurrent": args.concurrent}
+                              "steps": args.steps, "schedule": args.schedule,
+                              "concurrent": args.concurrent}
     if args.part in ("all", "cost"):
         log("== cost: seconds per training step")
         result["cost"] = cost(args, dense_cfg, switch_cfg)

@@ -44,6 +44,17 @@ def test_constant_and_wsd_schedules():
     assert learning_rate(100, wsd) == pytest.approx(0.0)
 
 
+def test_rsqrt_schedule_is_t5s_and_ignores_the_run_length():
+    # T5 (Raffel et al. 2020, §3.1.2): 1 / sqrt(max(n, k)), here scaled so the peak is lr
+    short = TrainConfig(max_steps=500, lr=1e-2, warmup_steps=100, schedule="rsqrt")
+    long = TrainConfig(max_steps=50_000, lr=1e-2, warmup_steps=100, schedule="rsqrt")
+    assert learning_rate(100, short) == pytest.approx(1e-2)
+    assert learning_rate(400, short) == pytest.approx(5e-3)  # sqrt(100 / 400) = 1/2
+    assert learning_rate(2500, long) == pytest.approx(2e-3)  # sqrt(100 / 2500) = 1/5
+    assert learning_rate(40_000, long) == pytest.approx(1e-3)  # floor: min_lr_ratio 0.1
+    assert all(learning_rate(step, short) == learning_rate(step, long) for step in range(501))
+
+
 def test_weight_decay_only_on_matrices():
     from burrow import ModelConfig, Transformer
 

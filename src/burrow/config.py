@@ -266,7 +266,8 @@ class TrainConfig:
     warmup_steps: int = 100
     # Learning rate at step 0 (Gopher: 1e-7).
     warmup_init_lr: float = 1e-7
-    # Schedule after warmup: "cosine" (Gopher), "constant" or "wsd" (warmup-stable-decay).
+    # Schedule after warmup: "cosine" (Gopher), "constant", "wsd" (warmup-stable-decay) or
+    # "rsqrt" (T5's inverse square root, which needs no end).
     schedule: str = "cosine"
     # Fraction of the steps spent in the final linear decay of the "wsd" schedule.
     decay_fraction: float = 0.2
@@ -325,7 +326,7 @@ class TrainConfig:
                      "spike_skip"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        _choice(self.schedule, ("cosine", "constant", "wsd"), "train.schedule")
+        _choice(self.schedule, ("cosine", "constant", "wsd", "rsqrt"), "train.schedule")
         _choice(self.precision, ("auto", "fp32", "bf16"), "train.precision")
         _choice(self.parallel, ("none", "ddp", "fsdp"), "train.parallel")
         if self.spike_factor and self.spike_factor <= 1.0:

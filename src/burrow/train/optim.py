@@ -36,13 +36,19 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
     Warmup: linear from warmup_init_lr (Gopher: 1e-7) to lr over warmup_steps. Then
     cosine: half a cosine from lr down to min_lr_ratio * lr at max_steps (Gopher: 10%);
-    constant: lr; wsd: lr until the last decay_fraction of the steps, then linear to the floor.
+    constant: lr; wsd: lr until the last decay_fraction of the steps, then linear to the floor;
+    rsqrt: lr * sqrt(warmup_steps / step), not below the floor. rsqrt is T5's inverse square
+    root (Raffel et al. 2020, §3.1.2), the pre-training schedule of the T5 code base Switch
+    Transformer is built on; it does not depend on max_steps, so runs of different lengths
+    follow the same rate step by step and a curve can be read at any step.
     """
     if step < cfg.warmup_steps:
         return cfg.warmup_init_lr + (cfg.lr - cfg.warmup_init_lr) * step / cfg.warmup_steps
     floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "constant":
         return cfg.lr
+    if cfg.schedule == "rsqrt":
+        return max(floor, cfg.lr * math.sqrt(max(1, cfg.warmup_steps) / max(1, step)))
     if cfg.schedule == "wsd":
         decay_start = max(cfg.warmup_steps, round(cfg.max_steps * (1 - cfg.decay_fraction)))
         if step < decay_start:
