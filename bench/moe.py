@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=8, help="experts per sparse layer")
     parser.add_argument("--steps", type=int, default=6000, help="training steps of each run")
     parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of both runs' data order and initialisation")
     parser.add_argument("--schedule", default="cosine", choices=("cosine", "rsqrt", "constant"),
                         help="learning-rate schedule of both runs after the warmup")
     parser.add_argument("--switch-steps", type=int, nargs="*", default=[],
@@ -100,7 +102,8 @@ def run_configs(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
     train = TrainConfig(max_steps=args.steps, eval_every=args.eval_every,
                         save_every=args.save_every,
                         log_every=max(1, args.steps // 20), device="cpu",
-                        warmup_steps=min(100, args.steps // 10), schedule=args.schedule)
+                        warmup_steps=min(100, args.steps // 10), schedule=args.schedule,
+                        seed=args.seed)
     if args.quick:
         train = dataclasses.replace(train, batch_tokens=2048, micro_batch_size=8,
                                     eval_tokens=4096)
@@ -347,7 +350,7 @@ def main() -> None:
     dense_cfg, switch_cfg = run_configs(args)
     result: dict[str, Any] = {"benchmark": "moe", "machine": machine(torch.device("cpu")),
                               "dense": args.dense, "experts": args.experts,
-                              "steps": args.steps, "schedule": args.schedule,
+                              "steps": args.steps, "schedule": args.schedule, "seed": args.seed,
                               "concurrent": args.concurrent}
     if args.part in ("all", "cost"):
         log("== cost: seconds per training step")
