@@ -8,6 +8,8 @@ dense MLP's width, so only the router is added). Three measurements (Fedus et al
             held-out tokens every few steps. Step speed-up = the steps the dense model needs to
             reach its final validation loss / the steps the Switch model needs to reach the
             same loss (Switch §3, Figure 5 left: 7x for 64 experts at T5-Base scale).
+            --switch-steps N...: Switch runs of N steps, each with its whole schedule, so
+            that the steps Switch needs are not read mid-schedule from a longer run.
   cost      seconds per training step (forward, backward, AdamW) of the Switch model over the
             dense one, alternating rounds in one process on the same batch.
   decode    tokens/s of batch-1 greedy generation, Switch over dense, and the Switch model
