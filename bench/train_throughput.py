@@ -54,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (the warm-up pays the compile)")
+    parser.add_argument("--compile-mode", default=None,
+                        choices=("default", "max-autotune-no-cudagraphs"),
+                        help="torch.compile's mode for both models, with --compile")
     parser.add_argument("--rounds", type=int, default=5, help="timed pairs of rounds")
     parser.add_argument("--steps-per-round", type=int, default=10,
                         help="optimizer steps in one timed round")
@@ -155,7 +158,8 @@ def report(args: argparse.Namespace, cfg: burrow.ModelConfig, device: torch.devi
         "settings": {
             "model": describe_config(cfg), "batch": args.batch, "seq_len": args.seq,
             "dtype": "float32", "rounds": args.rounds, "steps_per_round": args.steps_per_round,
-            "warmup_steps": args.warmup_steps, "compile": args.compile, "quick": args.quick,
+            "warmup_steps": args.warmup_steps, "compile": args.compile,
+            "compile_mode": args.compile_mode, "quick": args.quick,
             "optimizer": {"name": "torch.optim.AdamW", "lr": args.lr, "betas": list(BETAS),
                           "weight_decay": WEIGHT_DECAY},
             "hf": {"class": "LlamaForCausalLM", "attn_implementation": "sdpa",
@@ -192,8 +196,8 @@ def main() -> None:
     start_losses = losses_at_start(ours, theirs, batches[0])
     log(f"  loss at step 0: ours {start_losses['ours']:.6f}  hf {start_losses['hf']:.6f}")
 
-    our_model = torch.compile(ours) if args.compile else ours
-    their_model = torch.compile(theirs) if args.compile else theirs
+    our_model = torch.compile(ours, mode=args.compile_mode) if args.compile else ours
+    their_model = torch.compile(theirs, mode=args.compile_mode) if args.compile else theirs
     our_labels = shifted_labels(batches)  # burrow's data loader makes them, outside the step
 
     def our_loss(batch: int) -> torch.Tensor:
