@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dense", default="micro", help="dense preset (default micro)")
     parser.add_argument("--experts", type=int, default=8, help="experts per sparse layer")
     parser.add_argument("--steps", type=int, default=6000, help="training steps of each run")
+    parser.add_argument("--batch-tokens", type=int, default=8192,
+                        help="tokens per optimizer step of each run")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of both runs' data order and initialisation")
@@ -91,9 +93,9 @@ def parse_args() -> argparse.Namespace:
                             figure=str(ROOT / "bench" / "results" / "quick" / "moe_quality.png"))
     args = parser.parse_args()
     if (args.steps < 2 or args.eval_every < 1 or args.rounds < 1 or args.experts < 2
-            or args.save_every < 0):
-        raise UserError("--steps >= 2, --eval-every >= 1, --rounds >= 1, --experts >= 2 and "
-                        "--save-every >= 0")
+            or args.save_every < 0 or args.batch_tokens < 1):
+        raise UserError("--steps >= 2, --eval-every >= 1, --rounds >= 1, --experts >= 2, "
+                        "--save-every >= 0 and --batch-tokens >= 1")
     if any(not 2 <= steps < args.steps for steps in args.switch_steps):
         raise UserError(f"--switch-steps: each length must be in [2, --steps={args.steps})")
     return args
@@ -102,7 +104,7 @@ def parse_args() -> argparse.Namespace:
 def run_configs(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
     """The dense run and its Switch twin: 8 experts in every other block, Switch's defaults."""
     train = TrainConfig(max_steps=args.steps, eval_every=args.eval_every,
-                        save_every=args.save_every,
+                        save_every=args.save_every, batch_tokens=args.batch_tokens,
                         log_every=max(1, args.steps // 20), device="cpu",
                         warmup_steps=min(100, args.steps // 10), schedule=args.schedule,
                         seed=args.seed)
