@@ -55,12 +55,20 @@ def test_two_processes_match_one(tmp_path, single, parallel):
                     "dp_shard": 2 if parallel == "fsdp" else 1, "mode": parallel, "ep": 1}
 
 
-def test_fsdp_checkpoint_resumes_with_one_process(tmp_path, single):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ddp_and_fsdp_run_in_one_process_without_torchrun(tmp_path, single, parallel):
+    """A plain `burrow train --parallel ddp|fsdp` makes its own group of one process."""
+    assert train(tmp_path / "run", 8, parallel=parallel) == pytest.approx(single, rel=1e-4)
+
+
+# "fsdp": the run's own config, as `burrow train --out RUN --resume` reads it on a laptop
+@pytest.mark.parametrize("resumed_as", ["none", "fsdp"])
+def test_fsdp_checkpoint_resumes_with_one_process(tmp_path, single, resumed_as):
     out = tmp_path / "run"
     train(out, 4, processes=2, parallel="fsdp")
     checkpoint = out / "checkpoints" / "step_4"
     assert (checkpoint / "model").is_dir() and (checkpoint / "optimizer").is_dir()
-    losses = train(out, 8, resume=True)
+    losses = train(out, 8, parallel=resumed_as, resume=True)
     assert losses == pytest.approx(single, rel=1e-4)
     from burrow import load_run
 

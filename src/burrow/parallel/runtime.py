@@ -66,16 +66,30 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_runtime(device_name: str) -> Runtime:
-    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...), if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 for a plain `python -m burrow`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_runtime(device_name: str, parallel: str = "none") -> Runtime:
+    """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...), if any.
+
+    DDP and FSDP2 need a process group even in a world of one, so a `--parallel ddp|fsdp` run
+    started without torchrun (e.g. resuming a multi-process run on a laptop) gets a
+    single-process group of its own, held in memory.
+    """
+    world_size = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or parallel != "none") and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world_size > 1:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

@@ -33,6 +33,7 @@ from burrow.parallel import (
     clip_grad_norm_,
     gradient_sync,
     init_runtime,
+    launched_world_size,
     parallelize,
     shutdown,
 )
@@ -95,11 +96,12 @@ class Trainer:
         cfg.validate()
         self.cfg, self.run_dir, self.verbose = cfg, Path(run_dir), verbose
         self.resume, self.allow_data_change = resume, allow_data_change
-        self.runtime = init_runtime(cfg.train.device)
-        self.device = self.runtime.device
-        self.dims = ParallelDims.for_mode(cfg.train.parallel, self.runtime.world_size,
+        # the degrees are checked before the process joins a group that a bad one would leave
+        self.dims = ParallelDims.for_mode(cfg.train.parallel, launched_world_size(),
                                           ep=cfg.train.expert_parallel)
         self.dims.check_experts(cfg.model.moe.num_experts)
+        self.runtime = init_runtime(cfg.train.device, cfg.train.parallel)
+        self.device = self.runtime.device
         self.autocast = autocast_for(self.device, cfg.train.precision)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stop_signal: int | None = None
