@@ -74,9 +74,9 @@ def launched_world_size() -> int:
 def init_runtime(device_name: str, parallel: str = "none") -> Runtime:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...), if any.
 
-    DDP and FSDP2 need a process group even in a world of one, so a `--parallel ddp|fsdp` run
-    started without torchrun (e.g. resuming a multi-process run on a laptop) gets a
-    single-process group of its own, held in memory.
+    DDP and FSDP2 need a process group even in a world of one: under torchrun it joins the
+    rendezvous, and a `--parallel ddp|fsdp` run started without torchrun (e.g. resuming a
+    multi-process run on a laptop) gets a single-process group of its own, held in memory.
     """
     world_size = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
@@ -86,7 +86,7 @@ def init_runtime(device_name: str, parallel: str = "none") -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if world_size > 1:
+        if world_size > 1 or "MASTER_ADDR" in os.environ:  # torchrun's rendezvous
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

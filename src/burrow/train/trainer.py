@@ -96,7 +96,7 @@ class Trainer:
         cfg.validate()
         self.cfg, self.run_dir, self.verbose = cfg, Path(run_dir), verbose
         self.resume, self.allow_data_change = resume, allow_data_change
-        # the degrees are checked before the process joins a group that a bad one would leave
+        # checked before joining a process group, which an error here would leave behind
         self.dims = ParallelDims.for_mode(cfg.train.parallel, launched_world_size(),
                                           ep=cfg.train.expert_parallel)
         self.dims.check_experts(cfg.model.moe.num_experts)
