@@ -5,7 +5,12 @@ import dataclasses
 import pytest
 
 from burrow import ModelConfig, RunConfig, TrainConfig, UserError
-from burrow.config import apply_overrides
+from burrow.config import override_dict
+
+
+def overridden(items: list[str]) -> RunConfig:
+    """The default config with the CLI's --set overrides applied, as the CLI applies them."""
+    return RunConfig.from_dict(override_dict(RunConfig().to_dict(), items))
 
 
 @pytest.mark.parametrize("fields, words", [
@@ -49,17 +54,17 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_overrides_are_typed_and_checked():
-    cfg = apply_overrides(RunConfig(), ["model.d_model=384", "model.n_heads=6",
+    cfg = overridden(["model.d_model=384", "model.n_heads=6",
                                         "train.lr=2e-4", "train.compile=true",
                                         "model.n_kv_heads=null"])
     assert cfg.model.d_model == 384 and cfg.train.lr == 2e-4 and cfg.train.compile is True
     assert cfg.model.n_kv_heads is None
     with pytest.raises(UserError, match="did you mean model.d_model"):
-        apply_overrides(RunConfig(), ["model.d_modle=3"])
+        overridden(["model.d_modle=3"])
     with pytest.raises(UserError, match="not a valid int"):
-        apply_overrides(RunConfig(), ["model.n_layers=2.5"])
+        overridden(["model.n_layers=2.5"])
     with pytest.raises(UserError, match="SECTION.FIELD=VALUE"):
-        apply_overrides(RunConfig(), ["d_model=3"])
+        overridden(["d_model=3"])
 
 
 def test_bad_yaml_files(tmp_path):

@@ -18,6 +18,7 @@ from burrow.config import MoEConfig
 from burrow.data import train_tokenizer
 from burrow.train import train
 from burrow.train.distill import (
+    DistillationLoss,
     Distiller,
     copy_non_expert_weights,
     gain_kept,
@@ -41,19 +42,22 @@ def sparse() -> ModelConfig:
     return dense(moe=MoEConfig(num_experts=4, every=2))
 
 
+@pytest.mark.parametrize("kernel", ["chunked", "plain"])
 @pytest.mark.parametrize("label_weight, teacher_weight, z_loss",
                          [(0.75, 0.25, 0.0), (0.0, 1.0, 0.0), (0.75, 0.25, 1e-2)])
 def test_mixed_loss_is_the_weighted_sum_of_the_two_cross_entropies(label_weight,
-                                                                   teacher_weight, z_loss):
+                                                                   teacher_weight, z_loss,
+                                                                   kernel):
     torch.manual_seed(0)
-    teacher, student = Transformer(sparse()).eval(), Transformer(dense(z_loss=z_loss))
+    teacher = Transformer(sparse()).eval()
+    student = Transformer(dataclasses.replace(dense(z_loss=z_loss), loss_kernel=kernel))
     inputs = torch.randint(0, 64, (3, 16))
     targets = torch.randint(0, 64, (3, 16))
     targets[0, :5] = -100
     teacher_logits = teacher(inputs).logits
-    out = student(inputs, targets, teacher_logits=teacher_logits, label_weight=label_weight,
-                  teacher_weight=teacher_weight)
-    soft = out.soft_cross_entropy
+    out = student(inputs, targets,
+                  objective=DistillationLoss(teacher_logits, label_weight, teacher_weight))
+    soft = out.metrics["soft_cross_entropy"]
     out.loss.backward()
     fused = {name: p.grad.clone() for name, p in student.named_parameters()}
 

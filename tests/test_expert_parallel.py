@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from burrow import UserError
 from burrow.config import ModelConfig, MoEConfig, TrainConfig
+from burrow.model.context import ForwardContext, Init
 from burrow.parallel import ParallelDims
 from test_parallel import train
 
@@ -28,8 +30,11 @@ LAYERS = [dict(ffn="swiglu", moe=dict(capacity_factor=0.5)),
 
 def probed_loss(layer, x: torch.Tensor, probe: torch.Tensor):
     """A loss that reaches every output value and the router's losses; and the layer's output."""
-    y, stats = layer(x)
-    return (y * probe).sum() + stats.balance_loss + stats.z_loss, y, stats
+    ctx = ForwardContext(torch.arange(x.shape[1]))
+    y = layer(x, ctx)
+    stats = {term.name: term.value for term in ctx.aux}
+    loss = (y * probe).sum() + stats["balance_loss"] + stats["router_z_loss"]
+    return loss, y, SimpleNamespace(dropped=stats["dropped"])
 
 
 def switch_layer_worker() -> None:
@@ -64,9 +69,9 @@ def switch_layer_worker() -> None:
         cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=24,
                           max_seq_len=32, ffn=layer["ffn"],
                           moe=MoEConfig(num_experts=4, every=1, **layer["moe"]))
-        whole = SwitchMLP(cfg).double()
-        whole.router.reset_parameters()
-        whole.experts.reset_parameters()
+        whole = SwitchMLP(cfg, layer=0).double()
+        whole.router.init_weights(Init("gpt2", 1))
+        whole.experts.init_weights(Init("gpt2", 1))
         split = copy.deepcopy(whole)
         shard_experts(split, mesh)
         tokens = torch.randn(world, 2, 8, 16, dtype=torch.float64)  # the same on every rank

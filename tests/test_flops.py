@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from burrow import presets
+from burrow import flops, presets
 from burrow.config import ModelConfig
 from burrow.errors import UserError
-from burrow.model import flops
+from burrow.train import hardware
 
 # d=64, 2 layers, 4 heads of 16, SwiGLU of 160, RMSNorm, untied, V=1000, T=128.
 HAND = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=4, d_ff=160, ffn="swiglu",
@@ -109,31 +109,21 @@ def test_mfu_arithmetic():
     ("TPU v4", "bf16", 275e12),
 ])
 def test_peak_lookup_by_device_name(device_name, dtype, peak):
-    assert flops.lookup_peak_flops(device_name, dtype) == peak
+    assert hardware.lookup_peak_flops(device_name, dtype) == peak
 
 
 def test_peak_lookup_unknown():
-    assert flops.lookup_peak_flops("Some Accelerator 9000", torch.bfloat16) is None
-    assert flops.lookup_peak_flops("Tesla V100-SXM2-16GB", torch.bfloat16) is None  # no bf16
+    assert hardware.lookup_peak_flops("Some Accelerator 9000", torch.bfloat16) is None
+    assert hardware.lookup_peak_flops("Tesla V100-SXM2-16GB", torch.bfloat16) is None  # no bf16
     with pytest.raises(UserError):
-        flops.lookup_peak_flops("NVIDIA H100 80GB HBM3", torch.int8)
+        hardware.lookup_peak_flops("NVIDIA H100 80GB HBM3", torch.int8)
 
 
 def test_measured_matmul_flops_are_positive():
-    assert flops.measure_matmul_flops(64, 64, 64, seconds=0.05) > 0
+    assert hardware.measure_matmul_flops(64, 64, 64, seconds=0.05) > 0
 
 
 def test_cpu_peak_is_measured_once():
-    first = flops.device_peak_flops("cpu", torch.float32)
+    first = hardware.device_peak_flops("cpu", torch.float32)
     assert first > 0
-    assert flops.device_peak_flops(torch.device("cpu"), "fp32") == first
-
-
-def test_describe():
-    row = flops.describe(presets.get("nano"), 128)
-    cfg = presets.get("nano")
-    assert row["params"] == cfg.num_params()
-    assert row["non_embedding_params"] == cfg.num_params(embeddings=False)
-    assert row["seq_len"] == 128
-    assert row["flops_per_token"] == flops.flops_per_token(cfg, 128)
-    assert row["attention_flops_per_token"] == 12 * 4 * 4 * 32 * 128
+    assert hardware.device_peak_flops(torch.device("cpu"), "fp32") == first

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 from burrow import ModelConfig, RunConfig, TrainConfig, Transformer  # noqa: E402
 from burrow.cli import main  # noqa: E402
 from burrow.data import Tokenizer  # noqa: E402
+from burrow.infer import generate  # noqa: E402
 from burrow.interop import export_hf, import_hf  # noqa: E402
 from burrow.run import load_run  # noqa: E402
 from burrow.train.checkpoint import save_checkpoint  # noqa: E402
@@ -67,7 +68,7 @@ def test_export_gives_our_logits_and_tokens_and_imports_back(shape, tokenizer_fi
     assert (ours - theirs).abs().max() < 1e-4
 
     prompt = torch.tensor([Tokenizer.load(tokenizer_file).encode("def f(x):\n    return")])
-    greedy = model.generate(prompt, 20, temperature=0.0, eos_id=2)
+    greedy = generate(model, prompt, 20, temperature=0.0, eos_id=2)
     assert torch.equal(llama.generate(prompt, do_sample=False, max_new_tokens=20), greedy)
 
     # Import what transformers itself writes (its own config.json keys, its tied weights).

@@ -1,11 +1,20 @@
-"""The chunked output layer + loss against F.linear then F.cross_entropy, values and gradients."""
+"""The chunked output layer + loss against the plain one (F.linear then F.cross_entropy + PaLM's
+z-loss, model/loss.py's readable reference) and against the formulas written out here."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import burrow.model.loss as loss_module
-from burrow.model.loss import linear_cross_entropy, linear_distillation_loss
+from burrow import ModelConfig, Transformer
+from burrow.model.loss import linear_distillation_loss, plain_loss, resolve_kernel
+
+
+def linear_cross_entropy(hidden, weight, labels, *, scale=1.0, z_loss=0.0):
+    """The chunked kernel's (loss, cross_entropy) without a teacher."""
+    loss, cross_entropy, _ = linear_distillation_loss(hidden, weight, labels, None, scale=scale,
+                                                      z_loss=z_loss)
+    return loss, cross_entropy
 
 
 def reference(hidden, weight, labels, scale, z_loss):
@@ -13,6 +22,17 @@ def reference(hidden, weight, labels, scale, z_loss):
     cross_entropy = F.cross_entropy(logits, labels, ignore_index=-100)
     log_z = torch.logsumexp(logits[labels != -100], dim=-1)
     return cross_entropy + z_loss * log_z.pow(2).mean(), cross_entropy
+
+
+def problem(seed: int, rows: int, every: int):
+    """float64 hidden states (rows, 16) and an output matrix (300, 16) that want gradients, and
+    labels with -100 at every `every`-th position."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(300, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 300, (rows,), generator=generator)
+    labels[::every] = -100
+    return hidden, weight, labels, generator
 
 
 @pytest.fixture
@@ -24,11 +44,7 @@ def small_chunks(monkeypatch):
 @pytest.mark.parametrize("z_loss", [0.0, 1e-2])
 @pytest.mark.parametrize("scale", [1.0, 0.25])
 def test_values_and_gradients_equal_the_unfused_loss(small_chunks, z_loss, scale):
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(50, 16, dtype=torch.float64, generator=generator, requires_grad=True)
-    weight = torch.randn(300, 16, dtype=torch.float64, generator=generator, requires_grad=True)
-    labels = torch.randint(0, 300, (50,), generator=generator)
-    labels[::6] = -100
+    hidden, weight, labels, _ = problem(0, 50, 6)
     loss, cross_entropy = linear_cross_entropy(hidden, weight, labels, scale=scale,
                                                z_loss=z_loss)
     expected_loss, expected_cross_entropy = reference(hidden, weight, labels, scale, z_loss)
@@ -127,3 +143,54 @@ def test_bf16_autocast_matches_float32_to_bf16_precision():
     torch.testing.assert_close(loss, expected_loss, rtol=2e-2, atol=0)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-4)
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_chunked_kernel_equals_the_plain_reference(small_chunks, teacher, z_loss):
+    hidden, weight, labels, generator = problem(2, 40, 5)
+    teacher_logits = (torch.randn(40, 300, dtype=torch.float64, generator=generator)
+                      if teacher else None)
+    weights = dict(label_weight=0.75, teacher_weight=0.25) if teacher else {}
+    chunked = linear_distillation_loss(hidden, weight, labels, teacher_logits, scale=0.5,
+                                       z_loss=z_loss, **weights)
+    plain = plain_loss(hidden, weight, labels, teacher_logits, scale=0.5, z_loss=z_loss,
+                       **weights)
+    for got, want in zip(chunked, plain):
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-12, atol=1e-14)
+    grads = torch.autograd.grad(chunked[0], (hidden, weight))
+    expected = torch.autograd.grad(plain[0], (hidden, weight))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-14)
+
+
+def test_the_plain_reference_follows_the_formulas():
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(30, 8, dtype=torch.float64, generator=generator)
+    weight = torch.randn(50, 8, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 50, (30,), generator=generator)
+    labels[::4] = -100
+    loss, cross_entropy, _ = plain_loss(hidden, weight, labels, scale=0.5, z_loss=1e-2)
+    expected_loss, expected_cross_entropy = reference(hidden, weight, labels, 0.5, 1e-2)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(cross_entropy, expected_cross_entropy, rtol=1e-12, atol=0)
+
+
+def test_auto_kernel_is_chunked_on_a_cpu_and_plain_elsewhere():
+    assert resolve_kernel("auto", torch.device("cpu")) == "chunked"
+    assert resolve_kernel("auto", torch.device("cuda")) == "plain"
+    assert resolve_kernel("plain", torch.device("cpu")) == "plain"
+
+
+def test_the_model_gives_the_same_loss_and_gradients_with_either_kernel():
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(4))
+    results = []
+    for kernel in ("chunked", "plain"):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4,
+                                        max_seq_len=16, z_loss=1e-4, loss_kernel=kernel))
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        out.loss.backward()
+        results.append((out.loss.detach(), out.cross_entropy, model.head.weight.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from burrow import ModelConfig, Transformer, UserError
-from burrow.model.layers import RMSNormFunction, rotary_tables, sinusoid_table
-from burrow.model.transformer import sample_next
+from burrow.infer import generate, sample_next
+from burrow.model.norms import RMSNormFunction
+from burrow.model.positions import rotary_tables, sinusoid_table
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -116,7 +117,7 @@ def test_causal(name):
 def test_kv_cache_generation_equals_full_forward_passes(name):
     model = build(VARIANTS[name])
     prompt = torch.randint(0, model.cfg.vocab_size, (3, 5))
-    generated = model.generate(prompt, 30, temperature=0.0)
+    generated = generate(model, prompt, 30, temperature=0.0)
     sequence = prompt
     with torch.no_grad():
         for _ in range(30):
@@ -129,7 +130,7 @@ def test_generation_leaves_the_model_ready_to_train():
     """generate runs in inference mode, yet what it returns is an ordinary tensor that a
     training step accepts, and the model is back in training mode."""
     model = build(VARIANTS["rope-mha-serial"]).train()
-    generated = model.generate(torch.zeros(2, 3, dtype=torch.long), 6, temperature=0.0)
+    generated = generate(model, torch.zeros(2, 3, dtype=torch.long), 6, temperature=0.0)
     assert not generated.is_inference() and model.training
     model(generated[:, :-1], labels=generated[:, 1:]).loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -141,7 +142,7 @@ def test_generation_leaves_the_model_ready_to_train():
 def test_row_block_linear_equals_the_linear_it_views(rows, bias, outputs):
     """Block by block (up to 256 rows) or whole (more), with rows left over from the blocks
     or not: the layer's own product, its weight not copied."""
-    from burrow.model.matvec import BLOCKS, MAX_ROWS, RowBlockLinear
+    from burrow.infer.matvec import BLOCKS, MAX_ROWS, RowBlockLinear
 
     linear = torch.nn.Linear(40, outputs, bias=bias)
     blocked = RowBlockLinear(linear.weight, linear.bias)
@@ -152,108 +153,111 @@ def test_row_block_linear_equals_the_linear_it_views(rows, bias, outputs):
         torch.testing.assert_close(blocked(x), linear(x), atol=1e-6, rtol=1e-6)
 
 
+def structure(model: torch.nn.Module) -> list[tuple[str, type, int]]:
+    """Every module's name and type and every tensor's identity: what decoding must not change."""
+    return ([(name, type(module), 0) for name, module in model.named_modules()]
+            + [(name, type(tensor), id(tensor)) for name, tensor in model.named_parameters()])
+
+
 @pytest.mark.parametrize("name", ["rope-mha-serial", "learned-gpt3"])
 def test_row_block_decoding_gives_the_logits_of_the_default_kernels(monkeypatch, name):
     """Every linear layer, and a tied model's embedding as its output layer, read block by
-    block: same logits, same greedy tokens as the plain layers, and the model as it was
-    afterwards (its layers, their order, no output layer where it had none)."""
-    from burrow.model import matvec
-    from burrow.model.matvec import decoding_linears
+    block in a decoding copy: same logits, same greedy tokens as the plain layers, the same
+    weights (shared, not copied), and the model itself untouched."""
+    from burrow.infer import matvec
+    from burrow.infer.matvec import decoding_copy
 
     model = build(VARIANTS[name])
     tied = model.cfg.tie_embeddings
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    names = [name for name, _ in model.named_parameters()]
+    before = structure(model)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
-    tied_head = model.embed.weight if tied else None
     with torch.no_grad():
         expected = model(ids).logits
-        with decoding_linears(model, tied_head, min_bytes=0, max_stacked_bytes=-1) as swapped:
-            assert swapped == len(linears) + tied
-            assert isinstance(model.head, matvec.RowBlockLinear)
-            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
-        with decoding_linears(model, tied_head) as swapped:  # small enough for the caches
-            assert swapped == 0
-    assert [m for m in model.modules() if isinstance(m, torch.nn.Linear)] == linears
-    assert [name for name, _ in model.named_parameters()] == names
-    assert (model.head is None and "head" not in model._modules) if tied else model.head in linears
-    with decoding_linears(model, tied_head, min_bytes=0) as swapped:  # a gradient is wanted
-        assert swapped == 0
+        view, swapped = decoding_copy(model, min_bytes=0, max_stacked_bytes=-1)
+        assert swapped == len(linears) + tied and view is not model
+        assert isinstance(view.head, matvec.RowBlockLinear)
+        assert view.head.weight.data_ptr() == model.output_weight.data_ptr()
+        torch.testing.assert_close(view(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        assert decoding_copy(model)[1] == 0  # small enough for the caches: no blocks
+    assert decoding_copy(model, min_bytes=0) == (model, 0)  # a gradient is wanted
+    assert structure(model) == before
     monkeypatch.setattr(matvec, "MIN_BYTES", 0)
     steps = matvec.MIN_STACKED_STEPS  # enough for stacked q, k, v and gate, up too
-    greedy = model.generate(ids, steps, temperature=0.0)
+    greedy = generate(model, ids, steps, temperature=0.0)
     sequence = ids
     with torch.no_grad():
         for _ in range(steps):
             sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(greedy, sequence)
-    assert [name for name, _ in model.named_parameters()] == names
+    assert structure(model) == before
 
 
 @pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("name", ["rope-gqa", "learned-gpt3", "palm-fan-in"])
 def test_stacked_decoding_gives_the_logits_of_separate_layers(name, blocked):
     """q, k, v (of GQA's unequal widths, with biases or not) and gate, up stacked into one
-    product each: the same logits; a gradient, or a model over the size limit, keeps them
-    apart; afterwards the model holds no stacked copy."""
-    from burrow.model.layers import Attention, SwiGLU
-    from burrow.model.matvec import MIN_STACKED_STEPS, decoding_linears
+    product each in a decoding copy: the same logits; a gradient, or a model over the size
+    limit, keeps them apart; the model itself never holds a stacked copy."""
+    from burrow.infer.matvec import MIN_STACKED_STEPS, decoding_copy
+    from burrow.model.attention import Attention
+    from burrow.model.mlp import SwiGLU
+
+    def stackable(module):
+        return [m for m in module.modules() if isinstance(m, (Attention, SwiGLU))]
 
     model = build(VARIANTS[name])
-    stackable = [m for m in model.modules() if isinstance(m, (Attention, SwiGLU))]
     ids = torch.randint(0, model.cfg.vocab_size, (2, 9))
     min_bytes = 0 if blocked else 2**40
     with torch.no_grad():
         expected = model(ids).logits
-        with decoding_linears(model, min_bytes=min_bytes):
-            assert all(m.stacked is not None for m in stackable)
-            attention = stackable[0]
-            assert attention.stacked.output_sizes == [
-                getattr(attention, name).out_features for name in attention.stackable]
-            torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=1e-5)
-        with decoding_linears(model, min_bytes=min_bytes, max_stacked_bytes=1000):
-            assert all(m.stacked is None for m in stackable)
-        with decoding_linears(model, min_bytes=min_bytes, steps=MIN_STACKED_STEPS - 1):
-            assert all(m.stacked is None for m in stackable)  # too few steps to repay the copy
-    with decoding_linears(model, min_bytes=min_bytes):  # a gradient is wanted
-        assert all(m.stacked is None for m in stackable)
-    assert all(m.stacked is None for m in stackable)
-    assert not any(name.startswith("stacked") or ".stacked" in name
-                   for name, _ in model.named_modules())
+        view, _ = decoding_copy(model, min_bytes=min_bytes)
+        assert all(m.stacked is not None for m in stackable(view))
+        attention = stackable(view)[0]
+        assert attention.stacked.output_sizes == [
+            getattr(attention, name).out_features for name in attention.stackable]
+        torch.testing.assert_close(view(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        view, _ = decoding_copy(model, min_bytes=min_bytes, max_stacked_bytes=1000)
+        assert all(m.stacked is None for m in stackable(view))
+        view, _ = decoding_copy(model, min_bytes=min_bytes, steps=MIN_STACKED_STEPS - 1)
+        assert all(m.stacked is None for m in stackable(view))  # too few steps to repay it
+    view, _ = decoding_copy(model, min_bytes=min_bytes)  # a gradient is wanted
+    assert view is model
+    assert all(m.stacked is None for m in stackable(model))
 
 
 @pytest.mark.parametrize("name", ["rope-gqa", "palm-fan-in"])
 def test_compiled_decode_steps_generate_the_same_tokens(monkeypatch, name):
     """One compiled graph serves every position: the same tokens as eager, sampled or not,
     with the weights read block by block (model/matvec.py)."""
-    from burrow.model import matvec
+    from burrow.infer import matvec
 
     monkeypatch.setattr(matvec, "MIN_BYTES", 0)
     model = build(VARIANTS[name])
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 4))
-    before = model.generate(prompt, 12, temperature=0.0)
-    assert torch.equal(model.generate(prompt, 12, temperature=0.0, compile=True), before)
-    assert torch.equal(model.generate(prompt, 12, temperature=0.9, seed=3, compile=True),
-                       model.generate(prompt, 12, temperature=0.9, seed=3))
+    before = generate(model, prompt, 12, temperature=0.0)
+    assert torch.equal(generate(model, prompt, 12, temperature=0.0, compile=True), before)
+    assert torch.equal(generate(model, prompt, 12, temperature=0.9, seed=3, compile=True),
+                       generate(model, prompt, 12, temperature=0.9, seed=3))
     with torch.no_grad():  # the compiled step reads the weights, it did not keep them
         for parameter, other in zip(model.parameters(), build(VARIANTS[name], 1).parameters()):
             parameter.copy_(other)
-    after = model.generate(prompt, 12, temperature=0.0)
+    after = generate(model, prompt, 12, temperature=0.0)
     assert not torch.equal(after, before)
-    assert torch.equal(model.generate(prompt, 12, temperature=0.0, compile=True), after)
+    assert torch.equal(generate(model, prompt, 12, temperature=0.0, compile=True), after)
     # Other prompt and generation lengths in the same bucket of cache lengths: the same graph.
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
     longer = torch.randint(0, model.cfg.vocab_size, (2, 9))
-    assert torch.equal(model.generate(longer, 5, temperature=0.0, compile=True),
-                       model.generate(longer, 5, temperature=0.0))
+    assert torch.equal(generate(model, longer, 5, temperature=0.0, compile=True),
+                       generate(model, longer, 5, temperature=0.0))
     assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_chunked_prefill_with_cache_equals_one_pass(name):
-    from burrow.model import KVCache
+    from burrow.infer import KVCache
 
     model = build(VARIANTS[name])
     ids = torch.randint(0, model.cfg.vocab_size, (2, 14))
@@ -268,7 +272,7 @@ def test_chunked_prefill_with_cache_equals_one_pass(name):
 def test_cache_reads_the_written_positions_eagerly_and_all_of_them_compiled():
     """An int start: attention reads positions 0..start+T-1 and needs no mask for one query.
     A tensor start (a compiled step): the whole buffers, the unwritten positions masked."""
-    from burrow.model import KVCache
+    from burrow.infer import KVCache
 
     cfg = VARIANTS["rope-gqa"]
     cache = KVCache(cfg, 2, 10)
@@ -291,8 +295,8 @@ def test_cache_reads_the_written_positions_eagerly_and_all_of_them_compiled():
 def test_sampling_is_seeded_and_respects_top_k():
     model = build(VARIANTS["rope-mha-serial"])
     prompt = torch.zeros(1, 3, dtype=torch.long)
-    a = model.generate(prompt, 20, temperature=1.0, top_k=5, seed=7)
-    b = model.generate(prompt, 20, temperature=1.0, top_k=5, seed=7)
+    a = generate(model, prompt, 20, temperature=1.0, top_k=5, seed=7)
+    b = generate(model, prompt, 20, temperature=1.0, top_k=5, seed=7)
     assert torch.equal(a, b)
     logits = torch.randn(4, 50)
     allowed = logits.topk(5, dim=-1).indices
@@ -363,7 +367,7 @@ def test_too_long_inputs_are_user_errors():
     with pytest.raises(UserError, match="context"):
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(UserError, match="context"):
-        model.generate(torch.zeros(1, 10, dtype=torch.long), 7)
+        generate(model, torch.zeros(1, 10, dtype=torch.long), 7)
 
 
 def test_gradients_reach_every_parameter():

@@ -8,7 +8,7 @@ import pytest
 
 from burrow import RunConfig
 from burrow.cli import main
-from burrow.model.flops import matmul_params
+from burrow.flops import matmul_params
 from burrow.scaling.plan import plan
 from burrow.scaling.shapes import aspect_ratio, choose_shape, head_width
 from conftest import burrow_command

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from burrow import TrainConfig, UserError, load_run
+from burrow.infer import generate
 from burrow.train import Trainer, train
 from burrow.train.checkpoint import latest_checkpoint, list_checkpoints
 from burrow.train.optim import build_optimizer, learning_rate
@@ -102,7 +103,7 @@ def test_training_learns_and_writes_a_complete_run(tmp_path):
     model, tokenizer, loaded_cfg = load_run(run)
     assert loaded_cfg == cfg
     ids = torch.tensor([tokenizer.encode("def f(x):")])
-    assert model.generate(ids, 5, temperature=0).shape == (1, ids.shape[1] + 5)
+    assert generate(model, ids, 5, temperature=0).shape == (1, ids.shape[1] + 5)
 
 
 def test_resume_gives_the_same_losses_as_not_stopping(tmp_path, monkeypatch):

@@ -149,7 +149,7 @@ def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
                       "approach 3, chinchilla-1, chinchilla-2, epoch, kaplan) or a law.json "
                       "written by `burrow fit`; default chinchilla")
     plan.add_argument("--device", help="accelerator for the time estimate: h100, a100, "
-                      "tpu v4, ... (see burrow.model.flops.PEAK_FLOPS)")
+                      "tpu v4, ... (see burrow.train.hardware.PEAK_FLOPS)")
     plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed "
                       "(PaLM: 0.462); default 0.4")
     plan.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "tf32", "fp32"))

@@ -163,6 +163,7 @@ SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"
 def generate_command(args: argparse.Namespace) -> str:
     """The prompt and its continuation, or --num-samples of them generated as one batch.
     Generation starts after a document separator; tokens/s go to stderr."""
+    from burrow.infer import generate
     from burrow.run import load_run
 
     if args.num_samples < 1:
@@ -180,9 +181,9 @@ def generate_command(args: argparse.Namespace) -> str:
         print(f"burrow: note: generating {new_tokens} tokens, all that fit in the context of "
               f"{context}", file=sys.stderr)
     start = time.perf_counter()
-    out = model.generate(torch.tensor([ids] * args.num_samples, device=device), new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         seed=args.seed, eos_id=tokenizer.eos_id, compile=args.compile)
+    out = generate(model, torch.tensor([ids] * args.num_samples, device=device), new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, eos_id=tokenizer.eos_id, compile=args.compile)
     seconds = time.perf_counter() - start
     generated = int((out[:, len(ids):] != tokenizer.eos_id).sum())
     print(f"burrow: {generated} tokens in {seconds:.2f} s ({generated / seconds:,.0f} tokens/s"

@@ -15,6 +15,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from burrow import blocks
+from burrow.blocks import LayerSpec
 from burrow.errors import UserError
 
 FFN_KINDS = ("swiglu", "gelu")
@@ -22,6 +24,7 @@ NORM_KINDS = ("rmsnorm", "layernorm")
 POSITION_KINDS = ("rope", "relative", "learned")
 BLOCK_KINDS = ("serial", "parallel")
 INIT_KINDS = ("gpt2", "fan_in")
+LOSS_KERNELS = ("auto", "chunked", "plain")
 
 
 def _choice(value: str, choices: tuple[str, ...], name: str) -> None:
@@ -139,6 +142,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     # Sparse expert MLPs (Switch Transformer); dense unless moe.num_experts > 0.
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # Each block's parts, a list of n_layers {mixer, ffn, extras} (blocks.py); None = derived
+    # from the fields above (attention and an MLP, Switch experts where moe makes them).
+    layers: list[LayerSpec] | None = None
+    # Output layer and loss: "chunked" (fused, in row chunks: model/loss.py), "plain" (logits,
+    # then F.cross_entropy) or "auto" (chunked on a CPU, where it is measured faster; plain
+    # elsewhere until measured there).
+    loss_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -158,10 +168,17 @@ class ModelConfig:
         """Hidden width of one expert with the default resolved."""
         return self.ffn_size if self.moe.d_ff is None else self.moe.d_ff
 
+    def layer_spec(self, layer: int) -> LayerSpec:
+        """The parts of block `layer` (0-based): `layers[layer]` when given, else attention and
+        a dense MLP, Switch experts in the blocks moe.every makes sparse."""
+        if self.layers is not None:
+            return self.layers[layer]
+        return LayerSpec(ffn="switch" if self.moe.is_sparse(layer) else "mlp")
+
     @property
     def sparse_layers(self) -> list[int]:
-        """The blocks whose MLP is a set of experts."""
-        return [layer for layer in range(self.n_layers) if self.moe.is_sparse(layer)]
+        """The blocks whose feed-forward layer is a set of Switch experts."""
+        return [layer for layer in range(self.n_layers) if self.layer_spec(layer).ffn == "switch"]
 
     @property
     def ffn_size(self) -> int:
@@ -200,12 +217,40 @@ class ModelConfig:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.z_loss < 0:
             raise UserError(f"model.z_loss must be >= 0, got {self.z_loss}")
+        _choice(self.loss_kernel, LOSS_KERNELS, "model.loss_kernel")
         if isinstance(self.moe, dict):  # built from YAML or a dict
             self.moe = _build(MoEConfig, self.moe, "model.moe")
         self.moe.validate()
+        self._validate_layers()
         if self.moe.enabled and not self.sparse_layers:
             raise UserError(f"model.moe.every={self.moe.every} leaves none of the "
                             f"{self.n_layers} blocks sparse; lower model.moe.every")
+        if self.sparse_layers and not self.moe.enabled:
+            raise UserError("model.layers has Switch blocks but model.moe.num_experts is 0; "
+                            "set model.moe.num_experts")
+
+    def _validate_layers(self) -> None:
+        if self.layers is None:
+            return
+        if not isinstance(self.layers, (list, tuple)):
+            raise UserError("model.layers must be a list of {mixer, ffn, extras}, one per block")
+        specs = []
+        for index, spec in enumerate(self.layers):
+            if isinstance(spec, dict):
+                unknown = set(spec) - {"mixer", "ffn", "extras"}
+                if unknown:
+                    raise UserError(f"model.layers[{index}] has unknown key(s) "
+                                    f"{', '.join(sorted(unknown))}; use mixer, ffn, extras")
+                spec = LayerSpec(**spec)
+            elif not isinstance(spec, LayerSpec):
+                raise UserError(f"model.layers[{index}] must be a mapping of mixer, ffn, extras")
+            for role, name in spec.parts():
+                blocks.kind(role, name)
+            specs.append(spec)
+        self.layers = specs
+        if len(specs) != self.n_layers:
+            raise UserError(f"model.layers describes {len(specs)} blocks but model.n_layers is "
+                            f"{self.n_layers}; give one entry per block")
 
     def num_params(self, *, embeddings: bool = True, active: bool = False) -> int:
         """Exact parameter count of `Transformer(self)`, computed without allocating.
@@ -215,35 +260,13 @@ class ModelConfig:
         `active=True`, a sparse layer counts its router and the top_k experts a token goes
         through, not all of them: the parameters each token is multiplied by.
         """
-        d, heads, kv = self.d_model, self.n_heads, self.kv_heads
-        hd = self.head_size
-        b = int(self.bias)
-        attention = d * heads * hd + 2 * d * kv * hd + heads * hd * d
-        attention += b * (heads * hd + 2 * kv * hd + d)
-        if self.positions == "relative":
-            # Transformer-XL §3.3: W_R projects the sinusoidal encodings; u and v per head.
-            attention += d * heads * hd + 2 * heads * hd
-        norm = d * (1 + (self.norm == "layernorm" and self.bias))
-        norms_per_block = 1 if self.block == "parallel" else 2
-        total = norm
-        for layer in range(self.n_layers):
-            total += attention + norms_per_block * norm + self._mlp_params(layer, active)
+        total = blocks.norm_params(self)  # the final norm
+        total += sum(blocks.block_params(self, layer, active) for layer in range(self.n_layers))
         if embeddings:
-            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            total += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
             if self.positions == "learned":
-                total += self.max_seq_len * d
+                total += self.max_seq_len * self.d_model
         return total
-
-    def _mlp_params(self, layer: int, active: bool) -> int:
-        """Parameters of block `layer`'s MLP: dense, or router + experts (no biases)."""
-        matrices = 3 if self.ffn == "swiglu" else 2
-        if not self.moe.is_sparse(layer):
-            ff = self.ffn_size
-            return matrices * self.d_model * ff + int(self.bias) * (
-                (2 * ff if self.ffn == "swiglu" else ff) + self.d_model)
-        experts = self.moe.top_k if active else self.moe.num_experts
-        router = self.d_model * self.moe.num_experts
-        return router + experts * matrices * self.d_model * self.expert_ffn_size
 
 
 @dataclass
@@ -426,6 +449,10 @@ class RunConfig:
         raw = dataclasses.asdict(self)
         if raw["distill"] is None:  # an ordinary run: no section to show
             del raw["distill"]
+        if self.model.layers is None:  # derived from the other fields: nothing to show
+            del raw["model"]["layers"]
+        else:
+            raw["model"]["layers"] = [spec.to_dict() for spec in self.model.layers]
         return raw
 
     @classmethod
@@ -504,6 +531,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if "None" in text:
             return None
         raise UserError(f"{name} cannot be empty")
+    if text.startswith("list"):  # checked by the config's own validate
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{name} must be a list, got {value!r}")
+        return list(value)
     try:
         if hint is bool or text == "bool":
             if isinstance(value, str):
@@ -527,11 +558,6 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise UserError(f"{name}={value!r} is not a valid {text}") from None
-
-
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply `section.field=value` overrides (the CLI's --set) and validate the result."""
-    return RunConfig.from_dict(override_dict(cfg.to_dict(), overrides))
 
 
 def override_dict(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

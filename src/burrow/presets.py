@@ -14,7 +14,7 @@ from typing import Any
 
 from burrow.config import ModelConfig, MoEConfig
 from burrow.errors import UserError
-from burrow.model.flops import flops_per_token
+from burrow.flops import flops_per_token
 
 GOPHER = "Rae et al. 2021, Scaling Language Models (Gopher), Table 1"
 CHINCHILLA = "Hoffmann et al. 2022, Training Compute-Optimal LLMs (Chinchilla), Table 4"
@@ -226,7 +226,7 @@ def table_rows(seq_len: int | None = None) -> list[dict[str, Any]]:
     """One row per preset for `burrow presets`: counts and training FLOPs per token.
 
     FLOPs per token are PaLM's 6N + 12·L·H·Q·T at `seq_len` tokens, default each model's
-    context (model.flops.flops_per_token).
+    context (flops.flops_per_token).
     """
     rows = []
     for preset in _PRESETS:

@@ -1,6 +1,7 @@
-"""Pure nn.Modules: the transformer and its parts. Imports nothing from data/, train/, parallel/."""
+"""Pure nn.Modules: the transformer and its parts. Imports nothing from data/, train/,
+parallel/, infer/ or eval/, and nothing of torch.distributed."""
 
-from burrow.model.layers import KVCache
-from burrow.model.transformer import ModelOutput, Transformer, sample_next
+from burrow.model.context import AuxTerm, ForwardContext
+from burrow.model.transformer import ModelOutput, Transformer
 
-__all__ = ["KVCache", "ModelOutput", "Transformer", "sample_next"]
+__all__ = ["AuxTerm", "ForwardContext", "ModelOutput", "Transformer"]

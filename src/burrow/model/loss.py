@@ -129,19 +129,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad, grad_weight * grad, None, None, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                         scale: float = 1.0, z_loss: float = 0.0
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, cross_entropy) of the logits scale * hidden @ weight^T against labels.
-
-    hidden (..., d), labels (...) with -100 for positions without a target; both means are over
-    the positions with a target (NaN when there is none, like F.cross_entropy).
-    """
-    loss, cross_entropy, _ = linear_distillation_loss(hidden, weight, labels, None, scale=scale,
-                                                      z_loss=z_loss)
-    return loss, cross_entropy
-
-
 def linear_distillation_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                              teacher_logits: torch.Tensor | None, *, scale: float = 1.0,
                              z_loss: float = 0.0, label_weight: float = 1.0,
@@ -158,3 +145,66 @@ def linear_distillation_loss(hidden: torch.Tensor, weight: torch.Tensor, labels:
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return LinearCrossEntropy.apply(hidden, weight, labels.reshape(-1), scale, z_loss,
                                     need_grads, teacher_logits, label_weight, teacher_weight)
+
+
+def plain_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+               teacher_logits: torch.Tensor | None = None, *, scale: float = 1.0,
+               z_loss: float = 0.0, label_weight: float = 1.0, teacher_weight: float = 0.0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same three numbers as `linear_distillation_loss`, written plainly: all logits at
+    once, then F.cross_entropy, PaLM's z-loss (§5: z_loss * log^2 Z) and the cross-entropy
+    against the teacher's probabilities. The readable reference of the chunked kernel, and the
+    kernel where that one is not measured faster (model.loss_kernel)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    logits = F.linear(hidden, weight) * scale  # (N, V), in float32 or wider
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    valid = labels != -100
+    cross_entropy = F.cross_entropy(logits, labels, ignore_index=-100)
+    log_z = torch.logsumexp(logits, dim=-1)[valid]
+    loss = cross_entropy + z_loss * log_z.square().mean() if z_loss else cross_entropy
+    soft_cross_entropy = torch.zeros((), device=hidden.device, dtype=logits.dtype)
+    if teacher_logits is not None:
+        teacher = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).to(logits.dtype)
+        soft = -(teacher.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        soft_cross_entropy = soft[valid].mean()
+    if teacher_logits is not None or label_weight != 1.0:
+        loss = label_weight * loss + teacher_weight * soft_cross_entropy
+    return loss, cross_entropy.detach(), soft_cross_entropy.detach()
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """model.loss_kernel with "auto" resolved: the chunked kernel on a CPU, where it is measured
+    faster (BENCHMARKS.md); the plain one elsewhere, until measured there (on a GPU the chunked
+    kernel holds a float32 (V, d) gradient from forward to backward: ~19 GB at PaLM-540B)."""
+    if kernel != "auto":
+        return kernel
+    return "chunked" if device.type == "cpu" else "plain"
+
+
+def output_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                kernel: str, teacher_logits: torch.Tensor | None = None, scale: float = 1.0,
+                z_loss: float = 0.0, label_weight: float = 1.0, teacher_weight: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, cross_entropy, soft_cross_entropy) by the kernel model.loss_kernel names."""
+    compute = (linear_distillation_loss
+               if resolve_kernel(kernel, hidden.device) == "chunked" else plain_loss)
+    return compute(hidden, weight, labels, teacher_logits, scale=scale, z_loss=z_loss,
+                   label_weight=label_weight, teacher_weight=teacher_weight)
+
+
+class LanguageModelLoss:
+    """The model's own objective: cross-entropy against the labels + PaLM's z-loss.
+
+    An objective is called with the final hidden states (B, T, d), the output matrix (V, d),
+    the labels and the model's settings, inside the model's forward (so that a sharded output
+    matrix is whole there), and returns (loss, cross_entropy, metrics). Distillation
+    (train/distill.py) brings its own.
+    """
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                 scale: float, z_loss: float, kernel: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        loss, cross_entropy, _ = output_loss(hidden, weight, labels, kernel=kernel, scale=scale,
+                                             z_loss=z_loss)
+        return loss, cross_entropy, {}

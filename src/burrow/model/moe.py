@@ -17,26 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from burrow.config import ModelConfig
-
-
-class RouterStats(NamedTuple):
-    """What one sparse layer reports for one forward pass.
-
-    balance_loss and z_loss are already multiplied by their coefficients: they are the terms
-    added to the training loss. dropped and load carry no gradient.
-    """
-
-    balance_loss: torch.Tensor  # () alpha * N * sum_i f_i * P_i; alpha under uniform routing
-    z_loss: torch.Tensor  # () coefficient * mean over tokens of log^2 sum_j exp(logit_j)
-    dropped: torch.Tensor  # () fraction of token-to-expert assignments over capacity
-    load: torch.Tensor  # (N,) fraction of the assignments each expert received (f_i)
+from burrow.model.context import ForwardContext, Init
 
 
 def truncated_normal_(weight: torch.Tensor, scale: float, fan_in: int) -> None:
@@ -53,8 +40,15 @@ class Router(nn.Module):
         self.top_k, self.jitter, self.init_scale = cfg.moe.top_k, cfg.moe.jitter, cfg.moe.init_scale
         self.weight = nn.Parameter(torch.empty(cfg.moe.num_experts, cfg.d_model))
 
-    def reset_parameters(self) -> None:
+    def init_weights(self, init: Init) -> None:
         truncated_normal_(self.weight, self.init_scale, self.weight.shape[1])
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """Switch kept T5's setup (Raffel et al. 2020, §3.1.2: no weight decay); decaying the
+        router pulls its logits to zero, so its gates, which scale each expert's output, stay
+        near 1/N (switch-micro, 6,000 steps: mean top-1 gate 0.35 with decay, 0.39 without, and
+        a step speed-up of 1.36x against 1.40x; BENCHMARKS.md)."""
+        return [self.weight]
 
     def forward(self, tokens: torch.Tensor):
         # tokens (S, d) -> logits, probs (S, N) in float32; gates, experts (S, k)
@@ -86,7 +80,7 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n, d, ff)) if self.gated else None
         self.down_proj = nn.Parameter(torch.empty(n, ff, d))
 
-    def reset_parameters(self) -> None:
+    def init_weights(self, init: Init) -> None:
         for weight in (self.up_proj, self.gate_proj, self.down_proj):
             if weight is not None:
                 truncated_normal_(weight, self.init_scale, weight.shape[1])
@@ -125,13 +119,17 @@ class Experts(nn.Module):
 class SwitchMLP(nn.Module):
     """The sparse feed-forward layer: route, dispatch to capacity, run experts, combine.
 
-    forward(x (B, T, d)) -> (y (B, T, d), RouterStats). y is zero for a dropped token, so the
-    block's residual passes it on unchanged (Switch §2.2). The stats' ~15 small operators are
-    left out (None) when decoding asks for none.
+    forward(x (B, T, d), ctx) -> y (B, T, d). y is zero for a dropped token, so the block's
+    residual passes it on unchanged (Switch §2.2). It reports through ctx two losses,
+    balance_loss (alpha * N * sum_i f_i * P_i, Switch eq. 4) and router_z_loss (ST-MoE eq. 5),
+    both already times their coefficients, and two statistics: dropped, the fraction of
+    assignments over capacity, and expert_load, each expert's share f_i (N,). Decoding
+    (ctx.statistics off) skips their ~15 small operators.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         moe = cfg.moe
         self.num_experts, self.top_k, self.dropless = moe.num_experts, moe.top_k, moe.dropless
         self.capacity_factor, self.eval_capacity_factor = (moe.capacity_factor,
@@ -154,19 +152,17 @@ class SwitchMLP(nn.Module):
             capacity = self.agree_capacity(capacity)
         return max(capacity, 1)
 
-    def forward(self, x: torch.Tensor, stats: bool = True
-                ) -> tuple[torch.Tensor, RouterStats | None]:
-        # stats=False: no RouterStats (None), for decoding, which has no use for them
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, d = x.shape
         tokens = x.reshape(B * T, d)  # (S, d)
         S, N, k = B * T, self.num_experts, self.top_k
         logits, probs, gates, experts = self.router(tokens)
-        if S == 1 and not stats and self.reads_chosen_experts_only(k):
+        if S == 1 and not ctx.statistics and self.reads_chosen_experts_only(k):
             # One token (decoding one sequence): its k assignments go to k different experts,
             # each with room for it, so there is no queue to sort and nothing to drop.
             out = self.experts.chosen(tokens.expand(k, d), experts[0])  # (k, d)
             y = (gates[0, :, None].to(out.dtype) * out).sum(0)
-            return y.view(B, T, d).to(x.dtype), None
+            return y.view(B, T, d).to(x.dtype)
         # Assignments in priority order: every token's first choice before any second choice
         # (GShard), then by position in the batch (Switch): (k*S,)
         expert_of = experts.t().reshape(-1)
@@ -192,8 +188,9 @@ class SwitchMLP(nn.Module):
             out = torch.cat([out, out.new_zeros(1, d)])[slot]  # the spare row returns zeros
         weight = (gate_of * kept).to(out.dtype)[:, None]
         y = tokens.new_zeros(S, d, dtype=out.dtype).index_add(0, token_of, out * weight)
-        y = y.view(B, T, d).to(x.dtype)
-        return y, self._stats(logits, probs, counts, kept) if stats else None
+        if ctx.statistics:
+            self._report(ctx, logits, probs, counts, kept)
+        return y.view(B, T, d).to(x.dtype)
 
     def reads_chosen_experts_only(self, assignments: int) -> bool:
         """At most a quarter as many assignments as experts, at inference: decoding. The
@@ -205,20 +202,14 @@ class SwitchMLP(nn.Module):
         return (4 * assignments <= self.num_experts and not torch.is_grad_enabled()
                 and self.agree_capacity is None)
 
-    def _stats(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
-               kept: torch.Tensor) -> RouterStats:
+    def _report(self, ctx: ForwardContext, logits: torch.Tensor, probs: torch.Tensor,
+                counts: torch.Tensor, kept: torch.Tensor) -> None:
         # Switch eq. 4-6: f_i the fraction of assignments to expert i (no gradient), P_i the
         # mean router probability of expert i; N * sum_i f_i * P_i = 1 when both are uniform.
         load = counts.float() / counts.sum()
         balance = self.balance_coefficient * self.num_experts * (load * probs.mean(0)).sum()
         z_loss = self.z_coefficient * torch.logsumexp(logits, dim=-1).square().mean()
-        dropped = 1.0 - kept.float().mean()
-        return RouterStats(balance, z_loss, dropped.detach(), load.detach())
-
-
-
-def stats_table(stats: list[RouterStats]) -> torch.Tensor:
-    """The sparse layers' stats as one detached (layers, 3 + N) tensor, a row per layer:
-    balance_loss, z_loss, dropped, then the N loads. Tables of several passes add up."""
-    return torch.stack([torch.cat([torch.stack([s.balance_loss.detach(), s.z_loss.detach(),
-                                                s.dropped]), s.load]) for s in stats])
+        ctx.report("balance_loss", self.layer, balance, loss=True)
+        ctx.report("router_z_loss", self.layer, z_loss, loss=True)
+        ctx.report("dropped", self.layer, 1.0 - kept.float().mean())
+        ctx.report("expert_load", self.layer, load)

@@ -17,9 +17,10 @@ from typing import Any
 from burrow import presets
 from burrow.config import ModelConfig, RunConfig, TrainConfig
 from burrow.errors import UserError
-from burrow.model.flops import PEAK_FLOPS, device_family, flops_per_token, matmul_params
+from burrow.flops import flops_per_token, matmul_params
 from burrow.scaling.laws import ScalingLaw, get_law, law_names
 from burrow.scaling.shapes import choose_shape
+from burrow.train.hardware import PEAK_FLOPS, device_family
 
 SECONDS_PER_HOUR = 3600.0
 # Context of the planned model: Gopher's and Chinchilla's 2048 tokens (Rae et al. 2021, §3).

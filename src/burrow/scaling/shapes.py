@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from burrow.config import ModelConfig
 from burrow.errors import UserError
-from burrow.model.flops import matmul_params
+from burrow.flops import matmul_params
 
 ARCHITECTURES = ("llama", "chinchilla")
 

@@ -31,7 +31,7 @@ from typing import Any
 from burrow.config import DataConfig, RunConfig, TrainConfig
 from burrow.errors import UserError
 from burrow.files import write_text
-from burrow.model.flops import flops_per_token, matmul_params
+from burrow.flops import flops_per_token, matmul_params
 from burrow.scaling.laws import get_law
 from burrow.scaling.results import update_results
 from burrow.scaling.shapes import choose_shape, smallest_shape
@@ -293,7 +293,7 @@ def cpu_peak_flops(device: str) -> float | None:
     process and shared with the trainer's MFU (`flops.device_peak_flops`)."""
     import torch
 
-    from burrow.model.flops import device_peak_flops
+    from burrow.train.hardware import device_peak_flops
 
     if device not in ("cpu", "auto") or (device == "auto" and torch.cuda.is_available()):
         return None

@@ -27,6 +27,7 @@ from burrow.errors import UserError
 from burrow.eval import evaluate
 from burrow.files import write_text
 from burrow.model import ModelOutput, Transformer
+from burrow.model.loss import output_loss
 from burrow.parallel import resolve_device
 from burrow.run import check_run_dir, load_run, prepared_data_of
 from burrow.train.checkpoint import latest_checkpoint
@@ -117,6 +118,27 @@ def _fields(cfg: ModelConfig) -> dict[str, Any]:
             **{f"model.moe.{name}": value for name, value in moe.items()}}
 
 
+class DistillationLoss:
+    """Switch §4's objective, label_weight x (cross-entropy + z-loss against the labels) +
+    teacher_weight x cross-entropy against softmax(teacher_logits) (temperature 1), in the
+    model's loss kernel (model/loss.py). An objective for Transformer.forward; the soft
+    cross-entropy comes back in the output's metrics."""
+
+    def __init__(self, teacher_logits: torch.Tensor | None, label_weight: float,
+                 teacher_weight: float):
+        self.teacher_logits = teacher_logits
+        self.label_weight, self.teacher_weight = label_weight, teacher_weight
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                 scale: float, z_loss: float, kernel: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        loss, cross_entropy, soft_cross_entropy = output_loss(
+            hidden, weight, labels, kernel=kernel, teacher_logits=self.teacher_logits,
+            scale=scale, z_loss=z_loss, label_weight=self.label_weight,
+            teacher_weight=self.teacher_weight)
+        return loss, cross_entropy, {"soft_cross_entropy": soft_cross_entropy.detach()}
+
+
 class Distiller(Trainer):
     """A Trainer whose loss mixes the labels with a frozen teacher's probabilities (Switch §4).
 
@@ -151,12 +173,13 @@ class Distiller(Trainer):
         if self.teacher is None:
             # Switch Table 6's initialisation baseline: the teacher's non-expert weights, then
             # the labels alone.
-            return self.forward(inputs, targets, label_weight=spec.label_weight)
+            return self.forward(inputs, targets,
+                                objective=DistillationLoss(None, spec.label_weight, 0.0))
         with torch.no_grad():
             teacher_logits = self.teacher(inputs).logits
-        out = self.forward(inputs, targets, teacher_logits=teacher_logits,
-                           label_weight=spec.label_weight, teacher_weight=spec.teacher_weight)
-        self.soft_sum += out.soft_cross_entropy.detach()
+        out = self.forward(inputs, targets, objective=DistillationLoss(
+            teacher_logits, spec.label_weight, spec.teacher_weight))
+        self.soft_sum += out.metrics["soft_cross_entropy"]
         return out
 
     def train_step(self) -> tuple[float, float, float]:

@@ -57,31 +57,42 @@ def format_count(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def router_row(table: Any, layers: list[int]) -> dict[str, Any]:
-    """The sparse layers' stats (a (layers, 3 + N) table, model/moe.py) as metrics.jsonl keeps
-    them: per layer the balance loss, z-loss, fraction dropped and each expert's share."""
-    rows = table.tolist()
-    return {"layers": layers,
-            "balance_loss": [row[0] for row in rows],
-            "z_loss": [row[1] for row in rows],
-            "dropped": [row[2] for row in rows],
-            "load": [row[3:] for row in rows]}
+def aux_table(terms: list[Any]) -> dict[str, tuple[list[int], Any]]:
+    """The named terms of one forward pass (model/context.py's AuxTerm), grouped by name:
+    name -> (the layers that reported it, their values stacked (layers, ...), detached)."""
+    import torch
+
+    grouped: dict[str, list[Any]] = {}
+    for term in terms:
+        grouped.setdefault(term.name, []).append(term)
+    return {name: ([t.layer for t in group],
+                   torch.stack([t.value.detach().float() for t in group]))
+            for name, group in grouped.items()}
+
+
+def aux_row(table: dict[str, tuple[list[int], Any]]) -> dict[str, Any]:
+    """An aux table as metrics.jsonl keeps it: {name: {"layers": [...], "values": [...]}}."""
+    return {name: {"layers": layers, "values": values.tolist()}
+            for name, (layers, values) in table.items()}
 
 
 def progress_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: float,
                   tokens_per_second: float, mfu: float | None, eta_seconds: float,
-                  router: dict[str, Any] | None = None) -> str:
-    """One greppable line: step/total, loss, lr, grad norm, tokens/s, MFU, ETA; for a sparse
-    model also the routers' losses (summed over layers) and the fraction of tokens dropped."""
+                  aux: dict[str, Any] | None = None, aux_losses: frozenset[str] = frozenset()
+                  ) -> str:
+    """One greppable line: step/total, loss, lr, grad norm, tokens/s, MFU, ETA; then each
+    scalar term the model's parts reported (an aux_row): a loss term summed over its layers,
+    a statistic averaged over them."""
     mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
     width = len(str(max_steps))
-    moe = ""
-    if router is not None:
-        dropped = sum(router["dropped"]) / len(router["dropped"])
-        moe = (f"aux {sum(router['balance_loss']):.4f} | z {sum(router['z_loss']):.4f} | "
-               f"drop {100 * dropped:.1f}% | ")
+    terms = ""
+    for name, logged in (aux or {}).items():
+        values = logged["values"]
+        if values and not isinstance(values[0], list):  # one number per layer
+            total = sum(values) if name in aux_losses else sum(values) / len(values)
+            terms += f"{name} {total:.4f} | "
     return (f"step {step:>{width}}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"grad {grad_norm:.3f} | {moe}{tokens_per_second:,.0f} tok/s | MFU {mfu_text} | "
+            f"grad {grad_norm:.3f} | {terms}{tokens_per_second:,.0f} tok/s | MFU {mfu_text} | "
             f"ETA {format_duration(eta_seconds)}")
 
 
@@ -134,26 +145,30 @@ def _plot_bits_per_byte(axis, val: list[dict[str, Any]]) -> None:
     axis.legend()
 
 
-def plot_router(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """How the experts were used over training: per sparse layer, each expert's share of the
-    tokens against step (a heat map, 1/N is perfect balance), and the fraction dropped."""
+def plot_expert_load(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """How the experts were used over training, from the statistics Switch layers report
+    (expert_load, dropped): per sparse layer, each expert's share of the tokens against step
+    (a heat map, 1/N is perfect balance), and the fraction dropped. False (nothing drawn)
+    where no row has them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logged = [r for r in rows if r.get("split") == "train" and "moe" in r]
+    logged = [r for r in rows if r.get("split") == "train" and "expert_load" in r.get("aux", {})]
     if not logged:
-        return
-    layers = logged[-1]["moe"]["layers"]
+        return False
+    layers = logged[-1]["aux"]["expert_load"]["layers"]
+    logged = [r for r in logged if r["aux"]["expert_load"]["layers"] == layers]
     steps = [r["step"] for r in logged]
-    experts = len(logged[-1]["moe"]["load"][0])
+    load = [r["aux"]["expert_load"]["values"] for r in logged]  # (steps, layers, N)
+    experts = len(load[-1][0])
     figure, axes = plt.subplots(1, len(layers) + 1, figsize=(3.6 * (len(layers) + 1), 3.8),
                                 dpi=110, squeeze=False)
     for column, layer in enumerate(layers):
         axis = axes[0][column]
         # share x N: 1 is an expert with exactly its fair share
-        share = [[experts * r["moe"]["load"][column][e] for r in logged] for e in range(experts)]
+        share = [[experts * step_load[column][e] for step_load in load] for e in range(experts)]
         image = axis.imshow(share, aspect="auto", origin="lower", cmap="viridis", vmin=0,
                             vmax=max(2.0, max(max(row) for row in share)),
                             extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5,
@@ -164,14 +179,17 @@ def plot_router(rows: list[dict[str, Any]], path: Path, title: str = "") -> None
         axis.set_ylabel("expert")
         figure.colorbar(image, ax=axis)
     axis = axes[0][-1]
-    for column, layer in enumerate(layers):
-        axis.plot(steps, [100 * r["moe"]["dropped"][column] for r in logged],
-                  label=f"block {layer}", linewidth=1.2)
+    dropped = [r["aux"].get("dropped", {}).get("values") for r in logged]
+    if all(values is not None for values in dropped):
+        for column, layer in enumerate(layers):
+            axis.plot(steps, [100 * values[column] for values in dropped],
+                      label=f"block {layer}", linewidth=1.2)
+        axis.legend(fontsize=7)
     axis.set_xlabel("step")
     axis.set_ylabel("tokens over capacity (%)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
     save_figure(figure, path)
+    return True

@@ -11,20 +11,18 @@ from burrow.config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings, none on norms, biases, u/v vectors and
-    Switch routers.
+    """AdamW; weight decay on matrices and embeddings, none on vectors (norms, biases) and on
+    the matrices a module declares in its `no_weight_decay()` (Transformer-XL's u and v,
+    Switch routers: see each module for why).
 
     Gopher trained with Adam, which is AdamW with weight_decay=0; Chinchilla with AdamW.
-    Switch kept T5's training setup (Raffel et al. 2020, §3.1.2: AdaFactor, no weight decay);
-    decaying the router pulls its logits to zero, so its gates, which scale each expert's
-    output, stay near 1/N (switch-micro, 6,000 steps: mean top-1 gate 0.35 with decay, 0.39
-    without, and a step speed-up of 1.36x against 1.40x; BENCHMARKS.md).
     """
+    exempt = {id(parameter) for module in model.modules()
+              if hasattr(module, "no_weight_decay") for parameter in module.no_weight_decay()}
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if parameter.requires_grad:
-            is_matrix = (parameter.dim() >= 2
-                         and not name.endswith((".u", ".v", "router.weight")))
+            is_matrix = parameter.dim() >= 2 and id(parameter) not in exempt
             (decay if is_matrix else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]

@@ -25,9 +25,9 @@ from burrow.config import RunConfig
 from burrow.data import BatchLoader, TokenDataset, Tokenizer, prepare
 from burrow.errors import UserError
 from burrow.eval.evaluate import compressor_bits_per_byte, evaluate, split_text
+from burrow.flops import flops_per_token
+from burrow.infer import generate
 from burrow.model import ModelOutput, Transformer
-from burrow.model.flops import device_peak_flops, flops_per_token
-from burrow.model.moe import stats_table
 from burrow.parallel import (
     ParallelDims,
     clip_grad_norm_,
@@ -44,13 +44,15 @@ from burrow.train.checkpoint import (
     load_weights,
     save_checkpoint,
 )
+from burrow.train.hardware import device_peak_flops
 from burrow.train.metrics import (
     MetricsLog,
+    aux_row,
+    aux_table,
     format_duration,
+    plot_expert_load,
     plot_losses,
-    plot_router,
     progress_line,
-    router_row,
 )
 from burrow.train.optim import build_optimizer, learning_rate
 from burrow.train.spikes import SpikeDetector, rollback_target
@@ -106,10 +108,12 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stop_signal: int | None = None
         self.step = 0
-        # Sum of the sparse layers' stats tables (model/moe.py) since the last progress line,
-        # and the number of steps in it.
-        self.router_sum: torch.Tensor | None = None
-        self.router_steps = 0
+        # The named terms the model's parts report (model/context.py), summed over the steps
+        # since the last progress line: name -> (layers, values); the number of steps; which
+        # names are loss terms.
+        self.aux_sum: dict[str, tuple[list[int], torch.Tensor]] = {}
+        self.aux_steps = 0
+        self.aux_losses: set[str] = set()
         self.eval_bytes: int | None = None  # exact size of the periodic evaluations' text
         self.yardstick: dict[str, float] = {}  # gzip and xz bits per byte on that text
 
@@ -234,7 +238,7 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         cross_entropy_sum = torch.zeros((), device=self.device)
-        router_sum = None
+        aux_sum: dict[str, tuple[list[int], torch.Tensor]] = {}
         for micro_step in range(self.accumulation):
             inputs, targets = self.loader.next_batch()
             inputs = inputs.to(self.device, non_blocking=True)
@@ -246,9 +250,10 @@ class Trainer:
                 (out.loss / self.accumulation).backward()
             loss_sum += out.loss.detach()
             cross_entropy_sum += out.cross_entropy.detach()
-            if out.router:
-                table = stats_table(out.router)
-                router_sum = table if router_sum is None else router_sum + table
+            self.aux_losses.update(term.name for term in out.aux if term.is_loss)
+            for name, (layers, values) in aux_table(out.aux).items():
+                aux_sum[name] = (layers, values + aux_sum[name][1] if name in aux_sum
+                                 else values)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         if self.dims.ep > 1:  # expert gradients live on different ranks: the global norm
             grad_norm = clip_grad_norm_(self.model, clip)
@@ -260,11 +265,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         losses = self.runtime.mean(torch.stack([loss_sum, cross_entropy_sum])) / self.accumulation
-        if router_sum is not None:
-            router_mean = self.runtime.mean(router_sum) / self.accumulation
-            self.router_sum = router_mean if self.router_sum is None else (
-                self.router_sum + router_mean)
-            self.router_steps += 1
+        if aux_sum:
+            self._add_aux(aux_sum)
         return float(losses[0]), float(losses[1]), float(grad_norm)
 
     def run(self) -> dict[str, Any]:
@@ -308,7 +310,7 @@ class Trainer:
             if crossed is not None:
                 self._recover_from_spike(loss, crossed)
                 interval_losses, interval_start = [], time.perf_counter()
-                self.router_sum, self.router_steps = None, 0
+                self.aux_sum, self.aux_steps = {}, 0
                 continue
             interval_losses.append(loss)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
@@ -326,6 +328,18 @@ class Trainer:
             if not interval_losses:
                 interval_start = time.perf_counter()
 
+    def _add_aux(self, step_sum: dict[str, tuple[list[int], torch.Tensor]]) -> None:
+        """Add one step's terms, averaged over its micro-batches and the ranks (one reduction
+        for them all), to the interval's sums."""
+        names = list(step_sum)
+        flat = torch.cat([step_sum[name][1].reshape(-1) for name in names])
+        flat = self.runtime.mean(flat) / self.accumulation
+        for name, values in zip(names, flat.split([step_sum[n][1].numel() for n in names])):
+            layers, shaped = step_sum[name][0], values.view_as(step_sum[name][1])
+            self.aux_sum[name] = (layers, shaped + self.aux_sum[name][1]
+                                  if name in self.aux_sum else shaped)
+        self.aux_steps += 1
+
     def _log_train(self, loss: float, cross_entropy: float, grad_norm: float,
                    seconds_per_step: float, smoothed_seconds: float) -> None:
         tokens_per_second = self.tokens_per_step / seconds_per_step
@@ -333,18 +347,19 @@ class Trainer:
                if self.peak_flops else None)
         lr = self.optimizer.param_groups[0]["lr"]
         eta = smoothed_seconds * (self.cfg.train.max_steps - self.step)
-        router = None
-        if self.router_sum is not None:  # the interval's mean over steps, per sparse layer
-            router = router_row(self.router_sum / self.router_steps, self.cfg.model.sparse_layers)
-            self.router_sum, self.router_steps = None, 0
+        aux = None
+        if self.aux_sum:  # the interval's mean over steps, per layer
+            aux = aux_row({name: (layers, values / self.aux_steps)
+                           for name, (layers, values) in self.aux_sum.items()})
+            self.aux_sum, self.aux_steps = {}, 0
         self.log(progress_line(self.step, self.cfg.train.max_steps, loss, lr, grad_norm,
-                               tokens_per_second, mfu, eta, router))
+                               tokens_per_second, mfu, eta, aux, frozenset(self.aux_losses)))
         row = {"step": self.step, "split": "train", "loss": loss,
                "cross_entropy": cross_entropy, "lr": lr, "grad_norm": grad_norm,
                "tokens": self.step * self.tokens_per_step,
                "tokens_per_second": tokens_per_second, "mfu": mfu, "time": time.time()}
-        if router is not None:
-            row["moe"] = router
+        if aux is not None:
+            row["aux"] = aux
         self.record(row)
 
     def _recover_from_spike(self, loss: float, threshold: float) -> None:
@@ -422,13 +437,12 @@ class Trainer:
         title = f"{self.cfg.preset or 'model'}: {self.cfg.model.num_params():,} parameters"
         rows = self.metrics.rows()
         plot_losses(rows, self.run_dir / "loss.png", title=title)
-        if self.cfg.model.moe.enabled:
-            plot_router(rows, self.run_dir / "experts.png", title=title)
+        plot_expert_load(rows, self.run_dir / "experts.png", title=title)
 
     def write_sample(self) -> str:
         ids = torch.tensor([self.tokenizer.encode(SAMPLE_PROMPT)], device=self.device)
         new_tokens = min(200, self.cfg.model.max_seq_len - ids.shape[1])
-        out = self.model.generate(ids, new_tokens, temperature=0.8, top_k=50, seed=0)
+        out = generate(self.model, ids, new_tokens, temperature=0.8, top_k=50, seed=0)
         text = self.tokenizer.decode(out[0].tolist())
         if not self.runtime.is_main:
             return text

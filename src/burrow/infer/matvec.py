@@ -24,8 +24,7 @@ shape (27 MB) 743 against 689 tokens/s. At 124M (438 MB) stacking gained nothing
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -104,54 +103,53 @@ def usable(model: nn.Module) -> bool:
             and not torch.is_grad_enabled())
 
 
-@contextmanager
-def decoding_linears(model: nn.Module, tied_head: torch.Tensor | None = None,
-                     min_bytes: int | None = None, max_stacked_bytes: int | None = None,
-                     steps: int = MIN_STACKED_STEPS) -> Iterator[int]:
-    """Within the block, the model's linear layers are set for decoding a few rows; then they
-    are put back as they were.
+def decoding_copy(model: nn.Module, min_bytes: int | None = None,
+                  max_stacked_bytes: int | None = None,
+                  steps: int = MIN_STACKED_STEPS) -> tuple[nn.Module, int]:
+    """The model set for decoding a few rows at a time: a copy of its modules that shares every
+    weight (nothing of the model itself changes), with its linear layers swapped; and how many
+    layers were swapped for blocks.
 
     - Blocks: with at least `min_bytes` (MIN_BYTES) of weights, every nn.Linear of at least
-      BLOCKS outputs multiplies few rows block by block. A model with tied embeddings has no
-      output layer (`head` is None) and gives its embedding table as `tied_head`: the model's
-      `head` is then that table read block by block, and None again afterwards.
+      BLOCKS outputs multiplies few rows block by block. A model with tied embeddings
+      (`head` None) gets its embedding table read block by block as its `head`.
     - Stacks: with at most `max_stacked_bytes` (MAX_STACKED_BYTES) of weights, and for at
       least MIN_STACKED_STEPS decode `steps`, each module that names `stackable` layers
       reading the same input (q, k and v; gate and up) gets them as one `stacked` layer, so
-      that a decode step runs fewer, larger products.
+      that a decode step runs fewer, larger products (model/attention.py, `project`).
 
-    Yields how many layers were swapped for blocks: 0 where the model is not usable (not on a
-    CPU, a gradient wanted, FSDP shards) or its weights are too few.
+    Returns the model itself, and 0, where there is nothing to swap: not on a CPU, a gradient
+    wanted, FSDP's shards, or too few weights.
     """
-    linears: list[tuple[nn.Module, str, nn.Module | None, torch.Tensor, torch.Tensor | None]] = []
-    stacks: list[nn.Module] = []
-    if usable(model):
-        for parent in list(model.modules()):
-            if getattr(parent, "stackable", None):
-                stacks.append(parent)
-            for name, child in parent.named_children():
-                if isinstance(child, nn.Linear) and child.out_features >= BLOCKS:
-                    linears.append((parent, name, child, child.weight, child.bias))
-        if tied_head is not None and len(tied_head) >= BLOCKS:
-            linears.append((model, "head", None, tied_head, None))
-    weight_bytes = sum(weight.nbytes for *_, weight, _ in linears)
+    if not usable(model):
+        return model, 0
+    linears = [(name, child) for name, child in model.named_modules()
+               if isinstance(child, nn.Linear) and child.out_features >= BLOCKS]
+    tied_head = model.embed.weight if getattr(model, "head", "") is None else None
+    weight_bytes = sum(child.weight.nbytes for _, child in linears)
+    weight_bytes += 0 if tied_head is None else tied_head.nbytes
     blocked = weight_bytes >= (MIN_BYTES if min_bytes is None else min_bytes)
-    if not blocked:
-        linears = []
-    if steps < MIN_STACKED_STEPS or weight_bytes > (
-            MAX_STACKED_BYTES if max_stacked_bytes is None else max_stacked_bytes):
-        stacks = []
-    try:
-        for module in stacks:
-            module.stacked = stacked_linear([getattr(module, name) for name in module.stackable],
-                                            blocked)
-        for parent, name, _, weight, bias in linears:
-            setattr(parent, name, RowBlockLinear(weight, bias))
-        yield len(linears)
-    finally:
-        for module in stacks:
-            module.stacked = None
-        for parent, name, child, *_ in linears:
-            if child is None:  # back to a plain attribute, as it was
-                delattr(parent, name)
-            setattr(parent, name, child)  # a layer goes back to its place in the module's order
+    stack = steps >= MIN_STACKED_STEPS and weight_bytes <= (
+        MAX_STACKED_BYTES if max_stacked_bytes is None else max_stacked_bytes)
+    if not blocked and not stack:
+        return model, 0
+    # A deep copy of the modules whose memo maps every tensor to itself: new modules, the
+    # same weights.
+    shared = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, memo=shared)
+    if stack:
+        for module in view.modules():
+            if getattr(module, "stackable", None):
+                module.stacked = stacked_linear(
+                    [getattr(module, name) for name in module.stackable], blocked)
+    swapped = 0
+    if blocked:
+        for name, child in linears:
+            parent_name, _, attribute = name.rpartition(".")
+            parent = view.get_submodule(parent_name)
+            setattr(parent, attribute, RowBlockLinear(child.weight, child.bias))
+            swapped += 1
+        if tied_head is not None and len(tied_head) >= BLOCKS:
+            view.head = RowBlockLinear(tied_head)
+            swapped += 1
+    return view, swapped

@@ -1,0 +1,91 @@
+"""What every block part receives besides its input: one forward pass's context, the channel
+for auxiliary losses and statistics, and the initialisation scheme.
+
+A part is called as `part(x, ctx)`. The context carries what all layers of one pass share
+(positions, rotary tables, the KV cache, the attention mask of a cached pass) and collects what
+parts report: named losses, which the model adds to its objective, and statistics, which the
+trainer logs without knowing which kind of part made them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+
+class AuxTerm(NamedTuple):
+    """One named quantity a part reported in a forward pass.
+
+    A loss term (`is_loss`) is a scalar already multiplied by its coefficient: the model adds it
+    to the objective as it is. Any other term is a statistic without gradient (a scalar or a
+    vector, e.g. each expert's share of the tokens) that the trainer averages and logs.
+    """
+
+    name: str
+    layer: int
+    value: torch.Tensor
+    is_loss: bool
+
+
+class ForwardContext:
+    """What the layers of one forward pass share.
+
+    positions (T,): the absolute positions of the pass's tokens, `start`, start + 1, ...
+    start: how many tokens the cache already holds; a 0-dim tensor in a compiled decode step.
+    rotary: RoPE's (cos, signed sin) tables for `positions`, each (T, D), or None.
+    cache: the KV cache of a generation (infer/cache.py), or None in training.
+    visible (T, S): which cached keys each query may attend to; None where attention is
+        simply causal or sees every key.
+    statistics: whether parts should compute the statistics they report; off when decoding,
+        which has no use for them.
+    aux: what the parts reported, in order.
+
+    A plain object, not a dataclass or a container: wrappers such as FSDP copy the dataclasses
+    and lists among a module's arguments, and the parts' reports must reach this one.
+    """
+
+    def __init__(self, positions: torch.Tensor, start: int | torch.Tensor = 0, *,
+                 rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: Any = None,
+                 visible: torch.Tensor | None = None, statistics: bool = True):
+        self.positions, self.start, self.rotary = positions, start, rotary
+        self.cache, self.visible, self.statistics = cache, visible, statistics
+        self.aux: list[AuxTerm] = []
+
+    def report(self, name: str, layer: int, value: torch.Tensor, *, loss: bool = False) -> None:
+        """Add a named loss term (added to the objective) or statistic (logged) of `layer`."""
+        self.aux.append(AuxTerm(name, layer, value if loss else value.detach(), loss))
+
+
+class Init:
+    """The initialisation scheme every module applies to its own tensors (`init_weights`).
+
+    tensor                         init="gpt2"                init="fan_in" (PaLM §2)
+    embeddings                     N(0, 0.02)                 N(0, 1)
+    linear layers                  N(0, 0.02)                 N(0, 1/sqrt(fan_in))
+    residual outputs (o, down)     N(0, 0.02/sqrt(2L))        N(0, 1/sqrt(fan_in))
+    biases                         0                          0
+    Parts with their own rule (Switch's experts and router, Transformer-XL's u and v, norms)
+    say so in their own init_weights.
+    """
+
+    def __init__(self, kind: str, n_layers: int):
+        self.fan_in = kind == "fan_in"
+        # GPT-2: the residual stream's variance grows with each of the 2L residual additions.
+        self.residual_std = 0.02 / math.sqrt(2 * n_layers)
+
+    def linear(self, layer: nn.Linear, residual: bool = False) -> None:
+        """A linear layer's weight, and its bias to 0; `residual`: it writes to the residual
+        stream (attention's output, the MLP's down projection)."""
+        if self.fan_in:
+            std = layer.in_features ** -0.5
+        else:
+            std = self.residual_std if residual else 0.02
+        nn.init.normal_(layer.weight, std=std)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+    def embedding(self, table: nn.Embedding) -> None:
+        nn.init.normal_(table.weight, std=1.0 if self.fan_in else 0.02)
