@@ -115,5 +115,5 @@ def test_parallel_dims_validation():
         ParallelDims(world_size=4, dp_replicate=3, mode="ddp")
     with pytest.raises(UserError, match="hybrid"):
         ParallelDims(world_size=4, dp_replicate=2, dp_shard=2, mode="fsdp")
-    with pytest.raises(UserError, match="train.parallel"):
+    with pytest.raises(UserError, match=r"train\.parallel"):
         ParallelDims(mode="tp")

@@ -15,4 +15,4 @@ from burrow.run import load_run
 __version__ = "0.1.0"
 
 __all__ = ["DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "Transformer", "UserError",
-           "load_run", "presets", "__version__"]
+           "__version__", "load_run", "presets"]

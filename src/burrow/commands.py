@@ -169,7 +169,7 @@ def generate_command(args: argparse.Namespace) -> str:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     device = _device(args.device)
     model, tokenizer, cfg = load_run(args.run, device=device)
-    ids = [tokenizer.eos_id] + tokenizer.encode(args.prompt)
+    ids = [tokenizer.eos_id, *tokenizer.encode(args.prompt)]
     context = cfg.model.max_seq_len
     if len(ids) >= context:
         raise UserError(f"the prompt is {len(ids) - 1} tokens; the model's context is {context} "
