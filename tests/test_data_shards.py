@@ -6,12 +6,14 @@ import json
 import numpy as np
 import pytest
 
+from burrow.config import DataConfig, ModelConfig, RunConfig
 from burrow.data import (
     ShardWriter,
     TokenDataset,
     Tokenizer,
     iter_documents,
     prepare,
+    prepare_data,
     read_manifest,
     split_of,
     token_dtype,
@@ -233,3 +235,19 @@ def test_train_tokenizer_writes_a_model_from_the_train_split(corpus, tmp_path):
     path = train_tokenizer(str(corpus), vocab_size=400, out_dir=tmp_path, progress=False)
     assert path == tmp_path / "tokenizer.model"
     assert Tokenizer.load(path).vocab_size == 400
+
+
+def test_prepare_data_keeps_the_run_tokenizer(prepared, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("BURROW_CACHE", str(tmp_path / "cache"))
+    model = ModelConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    data = DataConfig(source=str(corpus), val_fraction=VAL_FRACTION, keep_tokenizer=True)
+    cfg = RunConfig(model=model, data=data)
+    with pytest.raises(UserError, match="keep_tokenizer"):
+        prepare_data(cfg, progress=False, run_dir=tmp_path)
+    tokenizer = Tokenizer.load(prepared)
+    tokenizer.save(tmp_path)
+    out = prepare_data(cfg, progress=False, run_dir=tmp_path)
+    assert out.parent == tmp_path / "cache"
+    assert Tokenizer.load(out).fingerprint == tokenizer.fingerprint
+    assert read_manifest(out)["source"] == str(corpus)
+    assert TokenDataset(out, "val").num_tokens == TokenDataset(prepared, "val").num_tokens

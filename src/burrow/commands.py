@@ -116,10 +116,15 @@ def _device(name: str) -> torch.device:
 
 def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     """Loss, perplexity, bits per byte, and gzip/xz bits per byte on the same bytes."""
-    from burrow.data import TokenDataset, Tokenizer, resolve_source, tokenize_source
+    from burrow.data import (
+        TokenDataset,
+        Tokenizer,
+        prepare_data,
+        resolve_source,
+        tokenize_source,
+    )
     from burrow.eval import compressor_bits_per_byte, evaluate, split_text
     from burrow.run import load_run, prepared_data_of
-    from burrow.train.trainer import prepare_data
 
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UserError(f"--max-tokens must be positive, got {args.max_tokens}")
