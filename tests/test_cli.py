@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from burrow.train.metrics import MetricsLog
 from conftest import CORPUS, burrow_command
 
 TINY = ["--preset", "micro", "--data", str(CORPUS), "--set", "model.vocab_size=512",
@@ -96,10 +97,9 @@ def test_interrupt_saves_and_resume_finishes(tmp_path):
     process = subprocess.Popen(burrow_command("train", *TINY, "--out", str(out),
                                               "--max-steps", "100000", "--log-every", "1"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
+    metrics = MetricsLog(out / "metrics.jsonl")
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and
-                                          len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and len(metrics.rows()) < 3:
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)

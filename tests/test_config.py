@@ -37,12 +37,12 @@ def test_defaults_resolve():
 
 
 def test_train_config_validation():
-    with pytest.raises(UserError, match="train.schedule"):
+    with pytest.raises(UserError, match=r"train\.schedule"):
         TrainConfig(schedule="linear")
-    with pytest.raises(UserError, match="train.lr must be positive"):
+    with pytest.raises(UserError, match=r"train\.lr must be positive"):
         TrainConfig(lr=0)
     cfg = RunConfig(model=ModelConfig(max_seq_len=128), train=TrainConfig(seq_len=256))
-    with pytest.raises(UserError, match="exceeds model.max_seq_len"):
+    with pytest.raises(UserError, match=r"exceeds model\.max_seq_len"):
         cfg.validate()
 
 
@@ -59,11 +59,11 @@ def test_overrides_are_typed_and_checked():
                                         "model.n_kv_heads=null"])
     assert cfg.model.d_model == 384 and cfg.train.lr == 2e-4 and cfg.train.compile is True
     assert cfg.model.n_kv_heads is None
-    with pytest.raises(UserError, match="did you mean model.d_model"):
+    with pytest.raises(UserError, match=r"did you mean model\.d_model"):
         overridden(["model.d_modle=3"])
     with pytest.raises(UserError, match="not a valid int"):
         overridden(["model.n_layers=2.5"])
-    with pytest.raises(UserError, match="SECTION.FIELD=VALUE"):
+    with pytest.raises(UserError, match=r"SECTION\.FIELD=VALUE"):
         overridden(["d_model=3"])
 
 

@@ -6,12 +6,14 @@ import json
 import numpy as np
 import pytest
 
+from burrow.config import DataConfig, ModelConfig, RunConfig
 from burrow.data import (
     ShardWriter,
     TokenDataset,
     Tokenizer,
     iter_documents,
     prepare,
+    prepare_data,
     read_manifest,
     split_of,
     token_dtype,
@@ -80,7 +82,7 @@ def make_dataset(directory, documents, vocab_size=1000, shard_tokens=5, eos_id=0
 def test_shards_round_trip_across_shard_boundaries(tmp_path):
     documents = [[5, 6, 7], [8], list(range(10, 23)), [9, 9]]
     dataset = make_dataset(tmp_path, documents, shard_tokens=5)
-    expected = np.concatenate([np.array(doc + [0]) for doc in documents])
+    expected = np.concatenate([np.array([*doc, 0]) for doc in documents])
     assert dataset.num_tokens == len(expected) == 23
     assert [len(shard) for shard in dataset.tokens.shards] == [5, 5, 5, 5, 3]
     assert dataset.num_documents == 4 and dataset.num_bytes == 19
@@ -119,7 +121,7 @@ def test_prepared_tokens_are_the_documents_encoded(prepared, corpus):
         docs = [d for d in iter_documents(str(corpus)) if split_of(d.name, VAL_FRACTION) == split]
         assert dataset.num_documents == len(docs) > 0
         assert dataset.num_bytes == sum(len(d.text.encode()) for d in docs)
-        expected = [i for d in docs for i in tokenizer.encode(d.text) + [tokenizer.eos_id]]
+        expected = [i for d in docs for i in [*tokenizer.encode(d.text), tokenizer.eos_id]]
         assert dataset.tokens[:].tolist() == expected
         offsets = np.cumsum([0] + [len(tokenizer.encode(d.text)) + 1 for d in docs])[:-1]
         assert dataset.doc_offsets.tolist() == offsets.tolist()
@@ -223,7 +225,7 @@ def test_tokenize_source_with_a_given_tokenizer(prepared, corpus, tmp_path, monk
     (tmp_path / "other.jsonl").write_text(json.dumps({"text": "x = [1, 2]\n"}) + "\n")
     dataset = tokenize_source(str(tmp_path / "other.jsonl"), tokenizer, progress=False)
     assert dataset.split == "all"
-    assert dataset.tokens[:].tolist() == tokenizer.encode("x = [1, 2]\n") + [tokenizer.eos_id]
+    assert dataset.tokens[:].tolist() == [*tokenizer.encode("x = [1, 2]\n"), tokenizer.eos_id]
     again = tokenize_source(str(tmp_path / "other.jsonl"), tokenizer, progress=False)
     assert again.directory == dataset.directory
     assert tokenize_source(str(prepared), tokenizer).fingerprint.endswith("/val")
@@ -233,3 +235,19 @@ def test_train_tokenizer_writes_a_model_from_the_train_split(corpus, tmp_path):
     path = train_tokenizer(str(corpus), vocab_size=400, out_dir=tmp_path, progress=False)
     assert path == tmp_path / "tokenizer.model"
     assert Tokenizer.load(path).vocab_size == 400
+
+
+def test_prepare_data_keeps_the_run_tokenizer(prepared, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("BURROW_CACHE", str(tmp_path / "cache"))
+    model = ModelConfig(vocab_size=400, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)
+    data = DataConfig(source=str(corpus), val_fraction=VAL_FRACTION, keep_tokenizer=True)
+    cfg = RunConfig(model=model, data=data)
+    with pytest.raises(UserError, match="keep_tokenizer"):
+        prepare_data(cfg, progress=False, run_dir=tmp_path)
+    tokenizer = Tokenizer.load(prepared)
+    tokenizer.save(tmp_path)
+    out = prepare_data(cfg, progress=False, run_dir=tmp_path)
+    assert out.parent == tmp_path / "cache"
+    assert Tokenizer.load(out).fingerprint == tokenizer.fingerprint
+    assert read_manifest(out)["source"] == str(corpus)
+    assert TokenDataset(out, "val").num_tokens == TokenDataset(prepared, "val").num_tokens

@@ -6,7 +6,14 @@ from itertools import islice
 
 import pytest
 
-from burrow.data import SourceStats, iter_documents, source_fingerprint, split_of, stdlib_root
+from burrow.data import (
+    SourceStats,
+    iter_documents,
+    resolve_source,
+    source_fingerprint,
+    split_of,
+    stdlib_root,
+)
 from burrow.data.sources import source_files
 from burrow.errors import UserError
 
@@ -132,3 +139,12 @@ def test_fingerprint_follows_content_not_place(tmp_path):
     assert renamed not in (first, edited)
     write(tmp_path / "a" / "three.txt", "more")
     assert source_fingerprint(str(tmp_path / "a")) not in (first, edited, renamed)
+
+
+def test_resolve_source_makes_existing_paths_absolute(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("hello\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("notes.txt") == str(tmp_path.resolve() / "notes.txt")
+    assert resolve_source(".") == str(tmp_path.resolve())
+    assert resolve_source("stdlib") == "stdlib"
+    assert resolve_source("missing.txt") == "missing.txt"  # left for iter_documents to report

@@ -20,6 +20,7 @@ from burrow import UserError
 from burrow.config import ModelConfig, MoEConfig, TrainConfig
 from burrow.model.context import ForwardContext, Init
 from burrow.parallel import ParallelDims
+from burrow.train.metrics import MetricsLog
 from test_parallel import train
 
 # The layers the worker splits: tokens dropped over capacity, and dropless top-2 routing,
@@ -135,7 +136,7 @@ EXPERT_PARALLEL = (*MOE, "--expert-parallel", "2")
 
 
 def grad_norms(out) -> list[float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = MetricsLog(out / "metrics.jsonl").rows()
     return [row["grad_norm"] for row in rows if row["split"] == "train"]
 
 

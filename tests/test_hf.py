@@ -115,7 +115,7 @@ def test_exported_unigram_and_dummy_prefix_tokenizers_match(model_type, dummy_pr
     write_hf_tokenizer(tmp_path / "sp.model", tmp_path, model_type, max_length=64)
     ours = Tokenizer.load(tmp_path / "sp.model")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for text in texts + ["  two spaces", " x", "x = 12345\n\t\ty", "naïve 漢字 🦫", ""]:
+    for text in [*texts, "  two spaces", " x", "x = 12345\n\t\ty", "naïve 漢字 🦫", ""]:
         assert theirs.encode(text) == ours.encode(text)
         assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text))
 

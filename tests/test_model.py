@@ -85,7 +85,7 @@ def naive_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
 
 def rope_by_complex_numbers(x: torch.Tensor, theta: float) -> torch.Tensor:
     """RoPE as a rotation in the complex plane of pairs (x_i, x_{i+D/2}): x * e^{i t w}."""
-    B, T, H, D = x.shape
+    _, T, _, D = x.shape
     half = D // 2
     pairs = torch.complex(x[..., :half], x[..., half:])
     frequency = theta ** (-torch.arange(half) / half)

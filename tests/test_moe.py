@@ -359,9 +359,9 @@ def test_moe_config_round_trips_and_takes_nested_overrides(tmp_path):
     assert cfg.model.moe == MoEConfig(num_experts=8, top_k=2, dropless=True)
     cfg.save(tmp_path / "config.yaml")
     assert RunConfig.load(tmp_path / "config.yaml").model == cfg.model
-    with pytest.raises(UserError, match="model.moe.nope"):
+    with pytest.raises(UserError, match=r"model\.moe\.nope"):
         overridden(["model.moe.nope=1"])
-    with pytest.raises(UserError, match="model.d_model is not a section"):
+    with pytest.raises(UserError, match=r"model\.d_model is not a section"):
         overridden(["model.d_model.x=1"])
 
 

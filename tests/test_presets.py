@@ -94,6 +94,14 @@ def test_get_returns_a_fresh_copy():
     assert presets.PRESETS["nano"].config.d_model == 128
 
 
+def test_nested_fields_of_a_copy_are_its_own():
+    experts = presets.PRESETS["switch-nano"].config.moe.num_experts
+    presets.get("switch-nano").moe.num_experts = experts + 1
+    presets.info("switch-nano").config.moe.num_experts = experts + 2
+    assert presets.PRESETS["switch-nano"].config.moe.num_experts == experts
+    assert presets.get("switch-nano").moe.num_experts == experts
+
+
 def test_get_ignores_case_and_spaces():
     assert presets.get(" PaLM-8B ") == presets.get("palm-8b")
 

@@ -98,7 +98,7 @@ def test_unreadable_files_and_bad_column_maps_are_user_errors(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(UserError, match="cannot read"):
         load_points(binary)
-    with pytest.raises(UserError, match="no column 'flops' .*its columns are x, y, color"):
+    with pytest.raises(UserError, match=r"no column 'flops' .*its columns are x, y, color"):
         load_points(RUNS, columns={"C": "flops"})
     with pytest.raises(UserError, match="KEY=COLUMN"):
         parse_columns("params")

@@ -92,7 +92,7 @@ def test_a_changed_plan_is_refused_unless_forced(tiny_law, tmp_path):
     open_sweep(out, settings, plan_sweep(settings))
     open_sweep(out, settings, plan_sweep(settings))  # the same plan: fine
     changed = tiny_settings(tiny_law, lr=1e-3)
-    with pytest.raises(UserError, match="different sweep.*lr 0.003 -> 0.001"):
+    with pytest.raises(UserError, match=r"different sweep.*lr 0\.003 -> 0\.001"):
         open_sweep(out, changed, plan_sweep(changed))
     (out / "runs" / plan_sweep(settings)[0].name).mkdir(parents=True)
     open_sweep(out, changed, plan_sweep(changed), force=True)

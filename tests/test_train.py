@@ -1,5 +1,6 @@
 """The training loop: schedule, resume exactness, atomic checkpoints, golden losses, signals."""
 
+import itertools
 import json
 import math
 import platform
@@ -32,7 +33,7 @@ def test_gopher_schedule():
     assert learning_rate(550, cfg) == pytest.approx(2e-5 + 0.5 * 1.8e-4)  # half-way down
     assert learning_rate(1000, cfg) == pytest.approx(2e-5)  # Gopher: 10% of the maximum
     rates = [learning_rate(step, cfg) for step in range(100, 1001)]
-    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
 
 
 def test_constant_and_wsd_schedules():

@@ -10,11 +10,16 @@ The configs and presets are plain arithmetic; the model, generation and runs (wh
 are imported on first use.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from burrow import presets
 from burrow.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from burrow.errors import UserError
+
+if TYPE_CHECKING:
+    from burrow.infer import generate
+    from burrow.model import Transformer
+    from burrow.run import load_run
 
 __version__ = "0.1.0"
 

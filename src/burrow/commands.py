@@ -17,13 +17,10 @@ from burrow.config import RunConfig, TrainConfig, override_dict
 from burrow.errors import UserError
 
 
-def _source(data: str) -> str:
-    """A data source as stored in a config: paths made absolute so a run can move cwd."""
-    return data if data == "stdlib" or not Path(data).exists() else str(Path(data).resolve())
-
-
 def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The run config that `burrow train` flags describe, and the run directory."""
+    from burrow.data import resolve_source
+
     out = Path(args.out) if args.out else Path("runs") / (args.preset or "nano")
     saved = out / "config.yaml"
     if args.resume and saved.is_file():
@@ -39,7 +36,7 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         name = args.preset or "nano"
         cfg = RunConfig(model=presets.get(name), preset=name)
     if args.data:
-        cfg.data = dataclasses.replace(cfg.data, source=_source(args.data))
+        cfg.data = dataclasses.replace(cfg.data, source=resolve_source(args.data))
     return _with_train_flags(cfg, args), out
 
 
@@ -119,17 +116,22 @@ def _device(name: str) -> torch.device:
 
 def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     """Loss, perplexity, bits per byte, and gzip/xz bits per byte on the same bytes."""
-    from burrow.data import TokenDataset, Tokenizer, tokenize_source
+    from burrow.data import (
+        TokenDataset,
+        Tokenizer,
+        prepare_data,
+        resolve_source,
+        tokenize_source,
+    )
     from burrow.eval import compressor_bits_per_byte, evaluate, split_text
     from burrow.run import load_run, prepared_data_of
-    from burrow.train.trainer import prepare_data
 
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise UserError(f"--max-tokens must be positive, got {args.max_tokens}")
     device = _device(args.device)
     model, tokenizer, cfg = load_run(args.run, device=device)
     if args.data:
-        dataset, described = tokenize_source(_source(args.data), tokenizer,
+        dataset, described = tokenize_source(resolve_source(args.data), tokenizer,
                                              text_field=cfg.data.text_field), args.data
     else:
         prepared = (prepared_data_of(Path(args.run))
@@ -170,7 +172,7 @@ def generate_command(args: argparse.Namespace) -> str:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     device = _device(args.device)
     model, tokenizer, cfg = load_run(args.run, device=device)
-    ids = [tokenizer.eos_id] + tokenizer.encode(args.prompt)
+    ids = [tokenizer.eos_id, *tokenizer.encode(args.prompt)]
     context = cfg.model.max_seq_len
     if len(ids) >= context:
         raise UserError(f"the prompt is {len(ids) - 1} tokens; the model's context is {context} "
@@ -219,9 +221,9 @@ def format_presets(result: dict[str, Any]) -> str:
 
 
 def prepare_command(args: argparse.Namespace) -> dict[str, Any]:
-    from burrow.data import TokenDataset, prepare
+    from burrow.data import TokenDataset, prepare, resolve_source
 
-    prepared = prepare(_source(args.data), vocab_size=args.vocab_size,
+    prepared = prepare(resolve_source(args.data), vocab_size=args.vocab_size,
                        val_fraction=args.val_fraction, text_field=args.text_field,
                        model_type=args.tokenizer_type,
                        out_dir=Path(args.out) if args.out else None, progress=not args.json)
@@ -244,11 +246,11 @@ def format_prepare(result: dict[str, Any]) -> str:
 
 
 def tokenizer_command(args: argparse.Namespace) -> str:
-    from burrow.data import train_tokenizer
+    from burrow.data import resolve_source, train_tokenizer
 
-    path = train_tokenizer(_source(args.data), vocab_size=args.vocab_size, out_dir=Path(args.out),
-                           val_fraction=args.val_fraction, text_field=args.text_field,
-                           model_type=args.tokenizer_type)
+    path = train_tokenizer(resolve_source(args.data), vocab_size=args.vocab_size,
+                           out_dir=Path(args.out), val_fraction=args.val_fraction,
+                           text_field=args.text_field, model_type=args.tokenizer_type)
     return f"tokenizer: {path}"
 
 

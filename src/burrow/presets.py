@@ -7,6 +7,7 @@ arithmetic. `burrow presets` prints `table_rows()`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass
@@ -99,11 +100,6 @@ _GOPHER_NOTES = ("Gopher does not say whether the embedding is tied; its publish
 # ((L + 1)·d_model) are left out; num_params() includes them (540B: 540.356B, not 540.35B).
 _PALM_NOTES = ("Table 1's counts match to the last digit without the layer-norm scales "
                "(2.2M in 540B); num_params() includes them.")
-
-# Switch's models are encoder-decoders; the published counts hold both stacks, whose experts
-# are nearly all of it. These presets are the decoder stack alone, so about half.
-_SWITCH_NOTES = ("Decoder-only variant of an encoder-decoder model: the published count holds "
-                 "both stacks (twice the experts, plus cross-attention); {}.")
 
 # Switch's models are encoder-decoders; the published counts hold both stacks, whose experts
 # are nearly all of it. These presets are the decoder stack alone, so about half.
@@ -208,17 +204,19 @@ def names() -> list[str]:
 
 
 def info(name: str) -> Preset:
-    """The preset called `name` (case-insensitive), with its own copy of the config."""
+    """The preset called `name` (case-insensitive), with its own copy of the config (nested
+    configs included)."""
     preset = PRESETS.get(name.strip().lower())
     if preset is None:
         close = difflib.get_close_matches(name.strip().lower(), names(), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"one of {', '.join(names())}"
         raise UserError(f"unknown preset {name!r}; {hint} (burrow presets lists them)")
-    return dataclasses.replace(preset, config=dataclasses.replace(preset.config))
+    return copy.deepcopy(preset)
 
 
 def get(name: str) -> ModelConfig:
-    """A fresh ModelConfig of the preset called `name`; UserError with suggestions if unknown."""
+    """A fresh ModelConfig of the preset called `name`, nested configs copied too; UserError with
+    suggestions if unknown."""
     return info(name).config
 
 

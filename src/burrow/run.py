@@ -31,7 +31,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
         raise UserError(f"{run_dir} has no checkpoint yet; train it first or resume it with "
-                        "`burrow train --out {run_dir} --resume`")
+                        f"`burrow train --out {run_dir} --resume`")
     tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
     with torch.device("meta"):
         model = Transformer(cfg.model)

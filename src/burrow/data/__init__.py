@@ -1,12 +1,19 @@
 """Text sources -> tokenizer -> token shards -> batches. Imports nothing from burrow.model."""
 
 from burrow.data.loader import IGNORE_INDEX, BatchLoader, eval_batches
-from burrow.data.prepare import cache_dir, prepare, tokenize_source, train_tokenizer
+from burrow.data.prepare import (
+    cache_dir,
+    prepare,
+    prepare_data,
+    tokenize_source,
+    train_tokenizer,
+)
 from burrow.data.shards import ShardWriter, TokenDataset, read_manifest, token_dtype
 from burrow.data.sources import (
     Document,
     SourceStats,
     iter_documents,
+    resolve_source,
     source_fingerprint,
     split_of,
     stdlib_root,
@@ -25,7 +32,9 @@ __all__ = [
     "eval_batches",
     "iter_documents",
     "prepare",
+    "prepare_data",
     "read_manifest",
+    "resolve_source",
     "source_fingerprint",
     "split_of",
     "stdlib_root",

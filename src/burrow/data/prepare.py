@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -37,6 +37,9 @@ from burrow.data.shards import (
 from burrow.data.sources import STDLIB, SourceStats, iter_documents, source_fingerprint, split_of
 from burrow.data.tokenizer import DEFAULT_SAMPLE_BYTES, MODEL_FILE, TRAINER_OPTIONS, Tokenizer
 from burrow.errors import UserError
+
+if TYPE_CHECKING:
+    from burrow.config import RunConfig
 
 BATCH_CHARS = 2**20  # text sent to a worker at a time
 TOKENIZER_SEED = 0
@@ -138,6 +141,24 @@ def prepare(
 
     _create(out, key, build)
     return out
+
+
+def prepare_data(cfg: RunConfig, progress: bool = True, run_dir: Path | None = None) -> Path:
+    """The prepared directory (tokenizer + shards) for a run's data, made on first use.
+
+    With data.keep_tokenizer the data is tokenized with run_dir/tokenizer.model instead of a
+    tokenizer trained on it.
+    """
+    tokenizer = None
+    if cfg.data.keep_tokenizer:
+        saved = Path(run_dir or ".") / MODEL_FILE
+        if not saved.is_file():
+            raise UserError(f"data.keep_tokenizer is set but there is no {saved}; put the "
+                            "tokenizer there or drop data.keep_tokenizer")
+        tokenizer = Tokenizer.load(saved)
+    return prepare(cfg.data.source, vocab_size=cfg.model.vocab_size,
+                   val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
+                   model_type=cfg.data.tokenizer_type, progress=progress, tokenizer=tokenizer)
 
 
 def train_tokenizer(

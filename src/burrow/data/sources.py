@@ -53,6 +53,13 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def resolve_source(source: str) -> str:
+    """A source as a config stores it: a path made absolute, so that a run can change its working
+    directory. "stdlib" and paths that do not exist (left for `iter_documents` to report) come back
+    as they are."""
+    return source if source == STDLIB or not Path(source).exists() else str(Path(source).resolve())
+
+
 def _walk(root: Path, extensions: tuple[str, ...], skip_dir: str | None) -> list[tuple[str, Path]]:
     """(relative posix path, path) of the files under root with one of the extensions, sorted.
 

@@ -10,6 +10,7 @@ import gzip
 import lzma
 import math
 from contextlib import nullcontext
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -70,7 +71,7 @@ def split_text(dataset: TokenDataset, tokenizer: Tokenizer, max_tokens: int | No
     limit = dataset.num_tokens if max_tokens is None else min(max_tokens, dataset.num_tokens)
     offsets = [int(start) for start in dataset.doc_offsets if start < limit] + [limit]
     pieces = []
-    for start, end in zip(offsets[:-1], offsets[1:]):
+    for start, end in pairwise(offsets):
         ids = dataset.window(start, end - start).tolist()
         if ids and ids[-1] == tokenizer.eos_id:
             ids = ids[:-1]

@@ -39,7 +39,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
     Runs in inference mode, but for FSDP-sharded models (then without gradients).
     Returns (B, T + new) with the prompt included, an ordinary tensor.
     """
-    B, T = input_ids.shape
+    T = input_ids.shape[1]
     context = model.cfg.max_seq_len
     if T == 0:
         raise UserError("the prompt is empty: give at least one token")
@@ -88,7 +88,7 @@ def _decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
             next_token = next_token.masked_fill(finished[:, None], eos_id)
             finished |= next_token[:, 0] == eos_id
         tokens.append(next_token)
-        if step + 1 == max_new_tokens or eos_id is not None and bool(finished.all()):
+        if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
             break
         # Compiled, the position is a tensor, so that one graph serves them all; eager,
         # an int, so that attention reads only the cache's written positions.

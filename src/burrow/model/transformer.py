@@ -101,7 +101,7 @@ class Transformer(nn.Module):
         every position. `objective` replaces the loss against the labels (LanguageModelLoss):
         distillation's mixes in a teacher.
         """
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if isinstance(start, int) and start + T > self.cfg.max_seq_len:
             raise UserError(f"sequence of {start + T} tokens exceeds the model's context of "
                             f"{self.cfg.max_seq_len} (model.max_seq_len)")

@@ -43,7 +43,7 @@ class ParallelDims:
             raise UserError(f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} does "
                             f"not equal the world size {self.world_size}")
         hybrid = self.dp_replicate > 1 and self.dp_shard > 1
-        if hybrid or self.mode == "ddp" and self.dp_shard > 1 or (
+        if hybrid or (self.mode == "ddp" and self.dp_shard > 1) or (
                 self.mode == "fsdp" and self.dp_replicate > 1):
             raise UserError(f"{self.mode} takes all {self.world_size} processes as "
                             f"{'replicas' if self.mode == 'ddp' else 'shards'}; hybrid sharding "

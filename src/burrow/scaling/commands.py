@@ -169,12 +169,12 @@ def format_plan(result: dict[str, Any]) -> str:
 
 def sweep_settings(args: argparse.Namespace):
     """SweepSettings from `burrow sweep` flags (data paths made absolute)."""
-    from burrow.commands import _source
+    from burrow.data import resolve_source
     from burrow.scaling.sweep import SweepSettings, parse_budgets
 
     given = {"budgets": parse_budgets(args.budgets) if args.budgets else None,
              "sizes": args.sizes, "span": args.span, "vocab_size": args.vocab_size}
-    return SweepSettings(law=args.law, arch=args.arch, data=_source(args.data),
+    return SweepSettings(law=args.law, arch=args.arch, data=resolve_source(args.data),
                          val_fraction=args.val_fraction, text_field=args.text_field,
                          tokenizer_type=args.tokenizer_type, seq_len=args.seq_len,
                          batch_tokens=args.batch_tokens, lr=args.lr, eval_tokens=args.eval_tokens,

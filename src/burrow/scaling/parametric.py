@@ -167,7 +167,7 @@ def fit_parametric(points: Points, *, starts: np.ndarray | None = None,
     polished = lbfgs.minimize(objective, result.x[best:best + 1], **POLISH)
     a, b, e, alpha, beta = polished.x[0]
     with np.errstate(over="ignore"):  # a degenerate fit may send A or B to infinity
-        E, A, B = (float(value) for value in np.exp([e, a, b]))  # noqa: N806
+        E, A, B = (float(value) for value in np.exp([e, a, b]))
     fit = ParametricFit(E=E, A=A, B=B, alpha=float(alpha),
                         beta=float(beta), objective=float(polished.f[0]),
                         start=starts[best].tolist(), starts=len(starts),

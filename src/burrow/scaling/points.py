@@ -56,7 +56,7 @@ class Points:
         return Points(self.N[keep], self.D[keep], self.loss[keep], self.source)
 
 
-def make_points(N, D, loss, *, source: str = "points",  # noqa: N803
+def make_points(N, D, loss, *, source: str = "points",
                 lines: list[int] | None = None) -> Points:
     """Points from sequences, checked: N, D and loss positive and finite.
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import pairwise
 
 from burrow.config import ModelConfig
 from burrow.errors import UserError
@@ -61,7 +62,7 @@ def aspect_ratio(n_params: float) -> float:
     points = ASPECT_RATIOS
     if n_params <= points[0][0]:
         return points[0][1]
-    for (n_low, r_low), (n_high, r_high) in zip(points, points[1:]):
+    for (n_low, r_low), (n_high, r_high) in pairwise(points):
         if n_params <= n_high:
             t = math.log(n_params / n_low) / math.log(n_high / n_low)
             return r_low + t * (r_high - r_low)

@@ -275,8 +275,7 @@ def _overview(runs: list[SweepRun], pending: list[SweepRun], settings: SweepSett
 
 def _data_note(runs: list[SweepRun], verbose: bool) -> str:
     """How many times the longest run reads the training split (prepared now if need be)."""
-    from burrow.data import TokenDataset
-    from burrow.train.trainer import prepare_data
+    from burrow.data import TokenDataset, prepare_data
 
     available = TokenDataset(prepare_data(runs[0].config, progress=verbose), "train").num_tokens
     longest = max(run.tokens for run in runs)

@@ -46,7 +46,7 @@ _ALONE = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
 def _fsync_tree(path: Path) -> None:
-    for item in sorted(path.rglob("*")) + [path]:
+    for item in [*sorted(path.rglob("*")), path]:
         fd = os.open(item, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from burrow import presets
 from burrow.config import DistillConfig, ModelConfig, RunConfig
-from burrow.data import TokenDataset, Tokenizer
+from burrow.data import TokenDataset, Tokenizer, prepare_data
 from burrow.errors import UserError
 from burrow.eval import evaluate
 from burrow.files import write_text
@@ -31,8 +31,9 @@ from burrow.model.loss import output_loss
 from burrow.parallel import resolve_device
 from burrow.run import check_run_dir, load_run, prepared_data_of
 from burrow.train.checkpoint import latest_checkpoint
+from burrow.train.hardware import autocast_for
 from burrow.train.metrics import format_count
-from burrow.train.trainer import Trainer, autocast_for, prepare_data, train
+from burrow.train.trainer import Trainer, train
 
 
 def copy_non_expert_weights(student: nn.Module, teacher: nn.Module) -> dict[str, torch.Tensor]:

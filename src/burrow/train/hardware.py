@@ -165,3 +165,11 @@ def measure_matmul_flops(m: int = 1024, k: int = 1024, n: int = 1024, *,
     for _ in range(3):
         best = min(best, timed(calls))
     return calls * flops_per_matmul / best
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA by default (fp32 master weights); fp32 elsewhere."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return None
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

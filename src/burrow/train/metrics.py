@@ -39,7 +39,7 @@ class MetricsLog:
 
 def format_duration(seconds: float) -> str:
     """3725 -> '1h02m', 125 -> '2m05s', 7 -> '7s'."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     if seconds >= 60:

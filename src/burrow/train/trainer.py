@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from burrow.config import RunConfig
-from burrow.data import BatchLoader, TokenDataset, Tokenizer, prepare
+from burrow.data import BatchLoader, TokenDataset, Tokenizer, prepare_data
 from burrow.errors import UserError
 from burrow.eval.evaluate import compressor_bits_per_byte, evaluate, split_text
 from burrow.flops import flops_per_token
@@ -44,7 +44,7 @@ from burrow.train.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from burrow.train.hardware import device_peak_flops
+from burrow.train.hardware import autocast_for, device_peak_flops
 from burrow.train.metrics import (
     MetricsLog,
     aux_row,
@@ -58,32 +58,6 @@ from burrow.train.optim import build_optimizer, learning_rate
 from burrow.train.spikes import SpikeDetector, rollback_target
 
 SAMPLE_PROMPT = "def "
-
-
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default (fp32 master weights); fp32 elsewhere."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return None
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def prepare_data(cfg: RunConfig, progress: bool = True, run_dir: Path | None = None) -> Path:
-    """The prepared directory (tokenizer + shards) for the run's data, made on first use.
-
-    With data.keep_tokenizer the data is tokenized with run_dir/tokenizer.model instead of a
-    tokenizer trained on it.
-    """
-    tokenizer = None
-    if cfg.data.keep_tokenizer:
-        saved = Path(run_dir or ".") / "tokenizer.model"
-        if not saved.is_file():
-            raise UserError(f"data.keep_tokenizer is set but there is no {saved}; put the "
-                            "tokenizer there or drop data.keep_tokenizer")
-        tokenizer = Tokenizer.load(saved)
-    return prepare(cfg.data.source, vocab_size=cfg.model.vocab_size,
-                   val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field,
-                   model_type=cfg.data.tokenizer_type, progress=progress, tokenizer=tokenizer)
 
 
 class Trainer:
