@@ -23,7 +23,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from harness import emit, log, machine, run_main, set_threads, summary, warn_if_busy
+from harness import (
+    common_parser,
+    emit,
+    log,
+    machine,
+    run_main,
+    set_threads,
+    summary,
+    warn_if_busy,
+)
 
 from burrow import UserError
 from burrow.scaling import lbfgs
@@ -36,14 +45,12 @@ EPOCH_OBJECTIVE = 0.001018274034615  # Epoch's best over the same grid (publishe
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="timed pairs of rounds")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[
+        common_parser("rounds", "threads", "quick",
+                      quick="1 round of 60 starts: checks the script runs")])
+    parser.set_defaults(rounds=3)  # the fit itself is numpy: --threads is only recorded
     parser.add_argument("--starts", type=int, default=4500,
                         help="grid starts per fit (a subset spread evenly over the 4,500)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (the fit itself is numpy; recorded)")
-    parser.add_argument("--quick", action="store_true",
-                        help="1 round of 60 starts: checks the script runs")
     if parser.parse_args().quick:  # new defaults; options given explicitly still win
         parser.set_defaults(rounds=1, starts=60)
     args = parser.parse_args()

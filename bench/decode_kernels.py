@@ -25,18 +25,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from generate import QUICK_SHAPES, SHAPES
-from harness import emit, log, machine, paired_rounds, run_main, set_threads, summary, warn_if_busy
+from harness import (
+    common_parser,
+    emit,
+    log,
+    machine,
+    paired_rounds,
+    run_main,
+    set_threads,
+    summary,
+    warn_if_busy,
+)
 
 from burrow.model.matvec import RowBlockLinear
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[
+        common_parser("rounds", "threads", "quick", quick="tiny shapes, 2 rounds")])
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
-    parser.add_argument("--rounds", type=int, default=5, help="timed pairs of rounds")
     parser.add_argument("--steps", type=int, default=10, help="decode steps per round")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds")
     if parser.parse_args().quick:
         parser.set_defaults(rounds=2, steps=2)
     return parser.parse_args()

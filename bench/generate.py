@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from harness import (
+    common_parser,
     describe_config,
     emit,
     llama_twin,
@@ -67,23 +68,17 @@ TARGETS = {"small": 2.5, "124m": 1.5}  # ours/HF tokens/s that BENCHMARKS.md pro
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[
+        common_parser(quick="tiny shapes, 20 new tokens, 2 rounds: checks the script runs")])
     parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
-    parser.add_argument("--rounds", type=int, default=5, help="timed pairs of generate calls")
     parser.add_argument("--new-tokens", type=int, default=200, help="tokens generated per call")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens")
     parser.add_argument("--bandwidth-mb", type=int, default=512,
                         help="size of the float32 tensor summed to measure read bandwidth")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's, one per core)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step of both (static KV caches)")
     parser.add_argument("--tied", action="store_true",
                         help="tie the output layer to the input embedding (GPT-2, Gopher, PaLM)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny shapes, 20 new tokens, 2 rounds: checks the script runs")
     if parser.parse_args().quick:  # new defaults; options given explicitly still win
         parser.set_defaults(rounds=2, new_tokens=20, bandwidth_mb=64)
     return parser.parse_args()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import describe_config, emit, log, machine, run_main, summary
+from harness import common_parser, describe_config, emit, log, machine, run_main, summary
 
 from burrow import RunConfig, UserError
 from burrow.model.flops import flops_per_token
@@ -48,8 +48,10 @@ SHAPE = ["model.d_model=2048", "model.n_layers=20", "model.n_heads=16", "model.d
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (default cuda)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[
+        common_parser("device", "quick",
+                      quick="the micro preset on the CPU in fp32, no compile: seconds")])
+    parser.set_defaults(device="cuda")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of the run")
     parser.add_argument("--warmup", type=int, default=5,
                         help="first steps left out of the summary (compilation, allocator)")
@@ -62,8 +64,6 @@ def parse_args() -> argparse.Namespace:
                              "optimizer step is a small share of the time)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_mfu_run"),
                         help="run directory (its checkpoint is deleted after the run)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the micro preset on the CPU in fp32, no compile: seconds")
     if parser.parse_args().quick:  # new defaults; options given explicitly still win
         parser.set_defaults(device="cpu", steps=6, warmup=2, seq_len=128, micro_batch_size=4,
                             batch_tokens=1024,

@@ -9,6 +9,7 @@ progress on stderr.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import glob
 import json
@@ -50,6 +51,39 @@ def run_main(main: Callable[[], None]) -> None:
     except burrow.UserError as error:
         log(f"error: {error}")
         raise SystemExit(2) from None
+
+
+COMMON_FLAGS = ("rounds", "threads", "device", "seed", "quick")
+
+
+def common_parser(*flags: str, quick: str = "small and short: checks the script runs"
+                  ) -> argparse.ArgumentParser:
+    """The options the benchmarks share, as a parent: `ArgumentParser(parents=[...])`.
+
+    `flags` picks them from COMMON_FLAGS (default: all of them); `quick` is --quick's help, what
+    it does in that script. A script changes a default with its own parser's set_defaults, as
+    each does for --quick's smaller settings (options given explicitly still win).
+    """
+    unknown = sorted(set(flags) - set(COMMON_FLAGS))
+    if unknown:
+        raise ValueError(f"common_parser: no shared option {unknown}; choose from {COMMON_FLAGS}")
+    chosen = flags or COMMON_FLAGS
+    parser = argparse.ArgumentParser(add_help=False)
+    if "rounds" in chosen:
+        parser.add_argument("--rounds", type=int, default=5,
+                            help="timed pairs of rounds (default %(default)s)")
+    if "threads" in chosen:
+        parser.add_argument("--threads", type=int, default=None,
+                            help="torch intra-op threads (default: torch's, one per core)")
+    if "device" in chosen:
+        parser.add_argument("--device", default="cpu",
+                            help="cpu, cuda or cuda:N (default %(default)s)")
+    if "seed" in chosen:
+        parser.add_argument("--seed", type=int, default=0,
+                            help="seed of the weights and the data (default %(default)s)")
+    if "quick" in chosen:
+        parser.add_argument("--quick", action="store_true", help=quick)
+    return parser
 
 
 def require_transformers() -> None:

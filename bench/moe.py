@@ -1,8 +1,16 @@
-"""Switch Transformer on a CPU: quality per step, cost per step and distillation, against dense.
+r"""Switch Transformer on a CPU: quality per step, cost per step and distillation, against dense.
+
+The distillation measurement, three seeds of five 3,000-step runs of micro, two runs at a time,
+takes ~2.7 hours on 2 idle cores: ~53 minutes a seed at the step times of --quick (one thread a
+run: ~24,000 tokens/s training, ~13,500 distilling, which also runs the teacher; 0.34 and 0.61 s
+per 8,192-token step), evaluations included:
+
+    .venv/bin/python bench/moe.py --part distill --seeds 0 1 2 --concurrent \
+        > bench/results/moe_distill_seeds.json
 
 The rival is the dense model a Switch model is made from: same width, depth, data, steps,
 schedule and seed, and the same FLOPs per token (Switch routes each token to one expert of the
-dense MLP's width, so only the router is added). Three measurements (Fedus et al. 2021):
+dense MLP's width, so only the router is added). Four measurements (Fedus et al. 2021):
 
   quality   both trained with `burrow train` on the default corpus, evaluated on the same
             held-out tokens every few steps. Step speed-up = the steps the dense model needs to
@@ -15,13 +23,27 @@ dense MLP's width, so only the router is added). Three measurements (Fedus et al
   decode    tokens/s of batch-1 greedy generation, Switch over dense, and the Switch model
             again with the capacity buffers forced, which read every expert's weights for
             each token instead of the chosen expert's only.
-  distill   the Switch model distilled into the dense shape with `burrow distill` (0.75 labels
-            + 0.25 teacher probabilities, initialised from the non-expert weights, Switch §4):
-            the fraction of the teacher's gain over the dense baseline that the student keeps
-            (Table 6: ~30%), beside Table 6's initialisation baseline: the same student
-            trained on the labels alone.
+  distill   Switch Table 6 at equal steps, repeated over --seeds. The teacher (the Switch
+            model) and the dense baseline each train S = --distill-steps steps from scratch;
+            their gap is the teacher's gain. Three runs of S more steps then continue them
+            through `burrow distill`'s code path (`student_config` and its trainer, as
+            `burrow distill --teacher RUN --student PRESET` builds them): the dense baseline
+            from all its own weights on the labels alone, the distilled student from the
+            teacher's non-expert weights on 0.75 labels + 0.25 teacher probabilities, and
+            Table 6's initialisation baseline from the same weights on the labels alone. Gain
+            kept = (continued dense loss - student loss) / the teacher's gain: the student is
+            compared with a dense model trained for as many steps in all, 2S (Table 6: ~30%;
+            the initialisation baseline ~0%). The three continuations run the same schedule,
+            the one `burrow distill` gives a student: a fresh AdamW, a fresh warmup and cosine
+            over the S steps, the data order from its start. A student cannot continue the
+            teacher's schedule (its optimizer state holds experts the student lacks), so the
+            dense baseline is restarted the same way rather than resumed with `burrow train
+            --resume --max-steps 2S` (which would keep its AdamW moments and stretch its
+            cosine, annealed at S, back up): the three then differ only in the weights they
+            start from and in the teacher's probabilities. Losses are each run's final
+            evaluation on all the held-out tokens.
 
-    .venv/bin/python bench/moe.py                      # all three: ~100 minutes on 2 cores
+    .venv/bin/python bench/moe.py                      # every part: ~3.5 hours on 2 cores
     .venv/bin/python bench/moe.py --part cost          # the step-time ratio only
     .venv/bin/python bench/moe.py --part decode --dense small   # generation speed
     .venv/bin/python bench/moe.py --quick              # seconds: checks the script runs
@@ -35,67 +57,86 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
-import os
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from harness import emit, log, machine, paired_rounds, run_main, set_threads, summary, warn_if_busy
+from harness import (
+    common_parser,
+    emit,
+    log,
+    machine,
+    paired_rounds,
+    run_main,
+    set_threads,
+    summary,
+    warn_if_busy,
+)
 
 from burrow import UserError, presets
 from burrow.config import RunConfig, TrainConfig
 from burrow.files import save_figure
 from burrow.model import Transformer
 from burrow.model.moe import SwitchMLP
+from burrow.train.metrics import MetricsLog
 from burrow.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
+# (label_weight, teacher_weight) of `burrow distill`: Switch Table 6's mix, and the labels alone
+# (the initialisation baseline, and the dense baseline's continuation)
+DISTILLED, LABELS_ONLY = (0.75, 0.25), (1.0, 0.0)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[
+        common_parser("rounds", "threads", "seed", "quick",
+                      quick="tiny runs: checks the script runs")])
     parser.add_argument("--part", choices=("all", "quality", "cost", "decode", "distill"),
                         default="all")
     # micro, long: the experts' extra parameters pay off only once the dense model is limited
     # by its size rather than by the number of steps it has taken (BENCHMARKS.md)
     parser.add_argument("--dense", default="micro", help="dense preset (default micro)")
     parser.add_argument("--experts", type=int, default=8, help="experts per sparse layer")
-    parser.add_argument("--steps", type=int, default=6000, help="training steps of each run")
+    parser.add_argument("--steps", type=int, default=6000,
+                        help="quality: training steps of each run")
     parser.add_argument("--batch-tokens", type=int, default=8192,
                         help="tokens per optimizer step of each run")
     parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of both runs' data order and initialisation")
     parser.add_argument("--schedule", default="cosine", choices=("cosine", "rsqrt", "constant"),
                         help="learning-rate schedule of both runs after the warmup")
     parser.add_argument("--switch-steps", type=int, nargs="*", default=[],
                         help="quality: also train Switch runs of these lengths, each with its "
                              "own schedule, and report the shortest that reaches the dense "
                              "run's final loss")
-    parser.add_argument("--rounds", type=int, default=5, help="timed pairs of rounds (cost)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="distill: the seeds the measurement is repeated with (--seed is "
+                             "the other parts')")
+    parser.add_argument("--distill-steps", type=int, default=3000,
+                        help="distill: training steps of each of a seed's five runs (teacher, "
+                             "dense baseline, and the three that continue them)")
     parser.add_argument("--save-every", type=int, default=1000,
                         help="checkpoint interval of the training runs: a run stopped by a "
                              "kill resumes from its last checkpoint when the command is rerun")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "moe_runs"))
     parser.add_argument("--figure", default=str(ROOT / "docs" / "moe_quality.png"))
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--concurrent", action="store_true",
-                        help="quality: train both runs at once, one thread each (on 2 cores "
-                             "nano finishes ~1.2x sooner than one run after the other at 2 "
-                             "threads, micro ~1.04x)")
-    parser.add_argument("--quick", action="store_true", help="tiny runs: checks the script runs")
+                        help="quality, distill: train two runs at once, one thread each (on "
+                             "2 cores nano finishes ~1.2x sooner than one run after the other "
+                             "at 2 threads, micro ~1.04x)")
     if parser.parse_args().quick:
+        # one thread: a tiny model's two threads wait for each other when a core is busy
         parser.set_defaults(steps=12, eval_every=4, rounds=1, dense="micro", switch_steps=[8],
+                            seeds=[0, 1], distill_steps=4, threads=1,
                             out=str(ROOT / "bench" / "results" / "quick" / "moe_runs"),
                             figure=str(ROOT / "bench" / "results" / "quick" / "moe_quality.png"))
     args = parser.parse_args()
     if (args.steps < 2 or args.eval_every < 1 or args.rounds < 1 or args.experts < 2
-            or args.save_every < 0 or args.batch_tokens < 1):
+            or args.save_every < 0 or args.batch_tokens < 1 or args.distill_steps < 2):
         raise UserError("--steps >= 2, --eval-every >= 1, --rounds >= 1, --experts >= 2, "
-                        "--save-every >= 0 and --batch-tokens >= 1")
+                        "--save-every >= 0, --batch-tokens >= 1 and --distill-steps >= 2")
     if any(not 2 <= steps < args.steps for steps in args.switch_steps):
         raise UserError(f"--switch-steps: each length must be in [2, --steps={args.steps})")
     return args
@@ -121,13 +162,18 @@ def run_configs(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
 
 def train_quietly(cfg: RunConfig, run_dir: Path, threads: int | None = None
                   ) -> list[tuple[int, float]]:
-    """Train (or resume a finished run) and return its (step, validation loss) curve."""
-    from burrow.train import train
+    """Train (or resume a finished run) and return its (step, validation loss) curve.
+
+    A config with a `distill` section trains with `burrow distill`'s trainer, as `burrow train`
+    does."""
+    from burrow.train import Trainer, train
+    from burrow.train.distill import Distiller
 
     set_threads(threads)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
-        train(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+        train(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(),
+              trainer_class=Distiller if cfg.distill is not None else Trainer)
+    rows = MetricsLog(run_dir / "metrics.jsonl").rows()
     return [(row["step"], row["loss"]) for row in rows if row.get("split") == "val"]
 
 
@@ -308,43 +354,101 @@ def decode(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
     return result
 
 
-def distill(args: argparse.Namespace, dense_cfg: RunConfig) -> dict[str, Any]:
-    """`burrow distill` of the Switch run into the dense shape, against the dense baseline, and
-    Switch Table 6's initialisation baseline: the same student trained on the labels alone.
+def distill(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
+            ) -> dict[str, Any]:
+    """Switch Table 6 at equal steps, once per seed of --seeds (the module docstring says how):
+    the share of the teacher's gain kept by the distilled student and by the initialisation
+    baseline, with their mean and spread over the seeds."""
+    seeds = [distill_seed(args, dense_cfg, switch_cfg, seed) for seed in args.seeds]
+    result: dict[str, Any] = {
+        "seeds": args.seeds, "steps_each_run": args.distill_steps,
+        "schedule": "each run its own warmup and cosine over its steps, a fresh AdamW and the "
+                    "data order from its start; the continuations start from copied weights",
+        "held_out_tokens": seeds[0]["held_out_tokens"]}
+    for key in ("student_gain_kept_percent", "init_only_gain_kept_percent",
+                "teacher_probabilities_share_percent", "teacher_gain_nats",
+                "continued_dense_gain_nats"):
+        result[key] = spread([seed[key] for seed in seeds])
+    result["per_seed"] = seeds
+    return result
 
-    The student's shared weights have trained inside the teacher before distillation starts,
-    so it may beat a baseline trained from scratch without any help from the teacher's
-    probabilities; the initialisation baseline measures that part, and the difference between
-    the two is what the teacher's probabilities add.
-    """
-    out = Path(args.out)
-    reports = {}
-    for name, weights in (("student", []),
-                          ("init_only", ["--label-weight", "1", "--teacher-weight", "0"])):
-        reports[name] = distill_run(args, dense_cfg, out / name, weights)
-    kept = {name: report["gain_kept_percent"] for name, report in reports.items()}
-    teacher_share = (None if None in kept.values() else kept["student"] - kept["init_only"])
-    return {**reports["student"], "init_only": reports["init_only"],
-            "teacher_probabilities_share_percent": teacher_share}
+
+def spread(values: list[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation, min and max of the values that are not None."""
+    known = [value for value in values if value is not None]
+    return {"mean": statistics.mean(known) if known else None,
+            "std": statistics.stdev(known) if len(known) > 1 else None,
+            "min": min(known, default=None), "max": max(known, default=None),
+            "values": values}
 
 
-def distill_run(args: argparse.Namespace, dense_cfg: RunConfig, student: Path,
-                weights: list[str]) -> dict[str, Any]:
-    import subprocess
+def distill_seed(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig,
+                 seed: int) -> dict[str, Any]:
+    """One seed's five runs of STEPS = --distill-steps in out/distill_STEPS/seed_N: the teacher
+    and the dense baseline from scratch, then from their weights the dense baseline continued,
+    the distilled student and the initialisation baseline; gains read off their final
+    evaluations, all on the same held-out tokens."""
+    steps = args.distill_steps
+    out = Path(args.out) / f"distill_{steps}" / f"seed_{seed}"
+    log(f"== distill, seed {seed}: {switch_cfg.preset} and {dense_cfg.preset}, {steps} steps")
 
-    out = Path(args.out)
-    train = dense_cfg.train
-    command = [sys.executable, "-m", "burrow", "distill", "--teacher", str(out / "switch"),
-               "--student", args.dense, "--baseline", str(out / "dense"), "--out", str(student),
-               "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
-               "--save-every", str(train.save_every), "--device", "cpu", "--warmup-steps",
-               str(train.warmup_steps), "--batch-tokens", str(train.batch_tokens),
-               "--micro-batch-size", str(train.micro_batch_size), "--eval-tokens",
-               str(train.eval_tokens), "--log-every", str(train.log_every), *weights]
-    if (student / "checkpoints").is_dir():
-        command.append("--resume")
-    subprocess.run(command, check=True, stdout=sys.stderr, env=os.environ.copy())
-    return json.loads((student / "distill.json").read_text())
+    def from_scratch(cfg: RunConfig) -> RunConfig:
+        train = dataclasses.replace(
+            cfg.train, max_steps=steps, warmup_steps=min(100, steps // 10),
+            log_every=max(1, steps // 20), seed=seed,
+            # every held-out token (--quick: its few), as `burrow distill`'s report reads them
+            eval_tokens=cfg.train.eval_tokens if args.quick else 0)
+        return dataclasses.replace(cfg, train=train)
+
+    curves = train_all({"switch": from_scratch(switch_cfg), "dense": from_scratch(dense_cfg)},
+                       out, args.concurrent)
+    curves.update(train_all({
+        "dense_continued": continuation(out / "dense", args.dense, LABELS_ONLY),
+        "student": continuation(out / "switch", args.dense, DISTILLED),
+        "init_only": continuation(out / "switch", args.dense, LABELS_ONLY)},
+        out, args.concurrent))
+    final: dict[str, float] = {}
+    for name, curve in curves.items():
+        if not curve or curve[-1][0] != steps:
+            raise UserError(f"{out / name} has no evaluation at step {steps}: delete it and "
+                            "run again")
+        final[name] = curve[-1][1]
+    held_out = [row for row in MetricsLog(out / "dense" / "metrics.jsonl").rows()
+                if row.get("split") == "val"][-1]["tokens"]
+    return {"seed": seed, "final_val_loss": final, "held_out_tokens": held_out, **gains(final),
+            "val_curves": curves}
+
+
+def gains(final: dict[str, float]) -> dict[str, float | None]:
+    """Switch Table 6's shares from the final losses of a seed's five runs: the teacher's gain
+    over the dense baseline at equal steps, and the share of it by which the student and the
+    initialisation baseline beat the dense baseline continued as long (None when the teacher
+    is no better than the dense baseline: there is no gain to keep)."""
+    gain = final["dense"] - final["switch"]
+
+    def kept(name: str) -> float | None:
+        return 100 * (final["dense_continued"] - final[name]) / gain if gain > 0 else None
+
+    student, init_only = kept("student"), kept("init_only")
+    return {"teacher_gain_nats": gain,
+            "continued_dense_gain_nats": final["dense"] - final["dense_continued"],
+            "student_gain_kept_percent": student, "init_only_gain_kept_percent": init_only,
+            "teacher_probabilities_share_percent":
+                None if student is None else student - init_only}
+
+
+def continuation(teacher: Path, preset: str, weights: tuple[float, float]) -> RunConfig:
+    """The config `burrow distill --teacher TEACHER --student PRESET --label-weight L
+    --teacher-weight T` trains: `preset` initialised from every teacher tensor it shares by name
+    and shape (all of a dense teacher's of the same shape), then trained as the teacher was
+    (steps, schedule, seed, data) on L x the labels + T x the teacher's probabilities."""
+    from burrow.train.distill import student_config
+
+    cfg, _ = student_config(teacher, preset)
+    label_weight, teacher_weight = weights
+    cfg.distill = dataclasses.replace(cfg.distill, label_weight=label_weight,
+                                      teacher_weight=teacher_weight)
+    return cfg
 
 
 def main() -> None:
@@ -365,7 +469,7 @@ def main() -> None:
     if args.part in ("all", "quality"):
         result["quality"] = quality(args, dense_cfg, switch_cfg)
     if args.part in ("all", "distill"):
-        result["distill"] = distill(args, dense_cfg)
+        result["distill"] = distill(args, dense_cfg, switch_cfg)
     emit(result)
 
 

@@ -31,5 +31,6 @@ run generate_compile bench/generate.py --shape all --compile "$@"
 run generate_tied bench/generate.py --shape all --tied "$@"
 run decode_kernels bench/decode_kernels.py "$@"
 run chinchilla_fit bench/chinchilla_fit.py "$@"
-run moe bench/moe.py "$@"  # ~100 minutes: four 6,000-step training runs of micro
+run moe bench/moe.py "$@"  # ~3.5 hours: two 6,000-step runs of micro, then three seeds of
+                           # five 3,000-step runs (distillation)
 "$python" bench/plot.py --results "$results"

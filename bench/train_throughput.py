@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from harness import (
     Paired,
+    common_parser,
     describe_config,
     emit,
     llama_twin,
@@ -40,7 +41,7 @@ from harness import (
 import burrow
 from burrow.model.flops import flops_per_token, measure_matmul_flops
 
-# The shape: a Llama of about 9M parameters, big enough that matmuls dominate.
+# The benchmark's shape: a Llama of about 9M parameters, big enough that matmuls dominate.
 SHAPE = dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, d_ff=688,
              max_seq_len=256)
 QUICK_SHAPE = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=172,
@@ -51,13 +52,13 @@ BETAS, WEIGHT_DECAY = (0.9, 0.95), 0.1  # AdamW's, the same for both models
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[
+        common_parser(quick="tiny shapes, 2 rounds of 2 steps: checks the script runs")])
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both models (the warm-up pays the compile)")
     parser.add_argument("--compile-mode", default=None,
                         choices=("default", "max-autotune-no-cudagraphs"),
                         help="torch.compile's mode for both models, with --compile")
-    parser.add_argument("--rounds", type=int, default=5, help="timed pairs of rounds")
     parser.add_argument("--steps-per-round", type=int, default=10,
                         help="optimizer steps in one timed round")
     parser.add_argument("--warmup-steps", type=int, default=3,
@@ -65,12 +66,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's, one per core)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny shapes, 2 rounds of 2 steps: checks the script runs")
     if parser.parse_args().quick:  # new defaults; options given explicitly still win
         parser.set_defaults(rounds=2, steps_per_round=2, warmup_steps=1, batch=2,
                             seq=QUICK_SHAPE["max_seq_len"])
