@@ -3,7 +3,7 @@
 Every weight matrix of a decode step (a 16-token model's q, k, v, o, gate, up and down of each
 layer, and the output layer) multiplied by one row, in turn, so that the weights come from
 memory as they do when decoding. The rival is PyTorch's default float32 kernel (`F.linear`);
-against it, in alternating rounds: burrow's blocked reads (`model/matvec.py`), and the same
+against it, in alternating rounds: burrow's blocked reads (`infer/matvec.py`), and the same
 weights in bfloat16 (through `F.linear` and as blocks) and in int8 with a float scale per row
 through torch's weight-only int8 product (`torch.ops.aten._weight_int8pack_mm`). Prints one
 JSON object: milliseconds per step and read GB/s of each, and each one's speed over the
@@ -37,7 +37,7 @@ from harness import (
     warn_if_busy,
 )
 
-from burrow.model.matvec import RowBlockLinear
+from burrow.infer.matvec import RowBlockLinear
 
 
 def parse_args() -> argparse.Namespace:

@@ -147,7 +147,8 @@ def bench_shape(name: str, shape: dict[str, int], args: argparse.Namespace,
     generation_config = their_generation_config(args.new_tokens, args.compile)
 
     def our_generate() -> torch.Tensor:
-        return ours.generate(prompt, args.new_tokens, temperature=0.0, compile=args.compile)
+        return burrow.generate(ours, prompt, args.new_tokens, temperature=0.0,
+                               compile=args.compile)
 
     def their_generate() -> torch.Tensor:
         return theirs.generate(prompt, attention_mask=attention_mask,
@@ -216,7 +217,7 @@ def main() -> None:
             "dtype": "float32", "decoding": "greedy", "rounds": args.rounds,
             "quick": args.quick,
             "compile": args.compile,
-            "ours": "Transformer.generate(prompt, new_tokens, temperature=0.0"
+            "ours": "burrow.generate(model, prompt, new_tokens, temperature=0.0"
                     + (", compile=True)" if args.compile else ")"),
             "hf": {"class": "LlamaForCausalLM", "attn_implementation": "sdpa",
                    "generate": "do_sample=False, max_new_tokens=min_new_tokens=new_tokens, "

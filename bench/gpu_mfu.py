@@ -36,7 +36,7 @@ import torch
 from harness import common_parser, describe_config, emit, log, machine, run_main, summary
 
 from burrow import RunConfig, UserError
-from burrow.model.flops import flops_per_token
+from burrow.flops import flops_per_token
 from burrow.parallel import resolve_device
 from burrow.train.metrics import MetricsLog
 

@@ -79,6 +79,7 @@ from harness import (
 from burrow import UserError, presets
 from burrow.config import RunConfig, TrainConfig
 from burrow.files import save_figure
+from burrow.infer import generate
 from burrow.model import Transformer
 from burrow.model.moe import SwitchMLP
 from burrow.train.metrics import MetricsLog
@@ -335,7 +336,7 @@ def decode(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfig
 
         def round_() -> float:
             start = time.perf_counter()
-            model.generate(prompt, new_tokens, temperature=0.0, compile=compiled)
+            generate(model, prompt, new_tokens, temperature=0.0, compile=compiled)
             return new_tokens / (time.perf_counter() - start)
 
         return round_  # paired_rounds' warm-up round pays the compilation

@@ -39,7 +39,8 @@ from harness import (
 )
 
 import burrow
-from burrow.model.flops import flops_per_token, measure_matmul_flops
+from burrow.flops import flops_per_token
+from burrow.train.hardware import measure_matmul_flops
 
 # The benchmark's shape: a Llama of about 9M parameters, big enough that matmuls dominate.
 SHAPE = dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=8, d_ff=688,
