@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,23 +58,59 @@ def format_count(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def aux_table(terms: list[Any]) -> dict[str, tuple[list[int], Any]]:
-    """The named terms of one forward pass (model/context.py's AuxTerm), grouped by name:
-    name -> (the layers that reported it, their values stacked (layers, ...), detached)."""
-    import torch
+class AuxMeter:
+    """The named terms the model's parts report (model/context.py's AuxTerm), averaged over a
+    step's micro-batches, the ranks and the steps between two progress lines, per layer.
 
-    grouped: dict[str, list[Any]] = {}
-    for term in terms:
-        grouped.setdefault(term.name, []).append(term)
-    return {name: ([t.layer for t in group],
-                   torch.stack([t.value.detach().float() for t in group]))
-            for name, group in grouped.items()}
+    `add` each micro-batch's terms, `end_step` after the step (one reduction over the ranks
+    for all of them), `take` the interval's means as metrics.jsonl keeps them:
+    {name: {"layers": [...], "values": [...]}}, None when nothing was reported.
+    """
 
+    def __init__(self) -> None:
+        self.losses: set[str] = set()  # the names that are loss terms
+        self.step: dict[str, tuple[list[int], Any]] = {}
+        self.interval: dict[str, tuple[list[int], Any]] = {}
+        self.steps = 0
 
-def aux_row(table: dict[str, tuple[list[int], Any]]) -> dict[str, Any]:
-    """An aux table as metrics.jsonl keeps it: {name: {"layers": [...], "values": [...]}}."""
-    return {name: {"layers": layers, "values": values.tolist()}
-            for name, (layers, values) in table.items()}
+    def add(self, terms: list[Any]) -> None:
+        import torch
+
+        grouped: dict[str, list[Any]] = {}
+        for term in terms:
+            grouped.setdefault(term.name, []).append(term)
+            if term.is_loss:
+                self.losses.add(term.name)
+        for name, group in grouped.items():
+            values = torch.stack([t.value.detach().float() for t in group])
+            previous = self.step.get(name)
+            self.step[name] = ([t.layer for t in group],
+                               values if previous is None else previous[1] + values)
+
+    def end_step(self, mean_over_ranks: Callable[[Any], Any], micro_batches: int) -> None:
+        if not self.step:
+            return
+        import torch
+
+        names = list(self.step)
+        flat = torch.cat([self.step[name][1].reshape(-1) for name in names])
+        flat = mean_over_ranks(flat) / micro_batches
+        sizes = [self.step[name][1].numel() for name in names]
+        for name, values in zip(names, flat.split(sizes)):
+            layers, shaped = self.step[name][0], values.view_as(self.step[name][1])
+            previous = self.interval.get(name)
+            self.interval[name] = (layers, shaped if previous is None else previous[1] + shaped)
+        self.step = {}
+        self.steps += 1
+
+    def take(self) -> dict[str, Any] | None:
+        row = ({name: {"layers": layers, "values": (values / self.steps).tolist()}
+                for name, (layers, values) in self.interval.items()} if self.interval else None)
+        self.reset()
+        return row
+
+    def reset(self) -> None:
+        self.step, self.interval, self.steps = {}, {}, 0
 
 
 def progress_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: float,

@@ -46,9 +46,8 @@ from burrow.train.checkpoint import (
 )
 from burrow.train.hardware import autocast_for, device_peak_flops
 from burrow.train.metrics import (
+    AuxMeter,
     MetricsLog,
-    aux_row,
-    aux_table,
     format_duration,
     plot_expert_load,
     plot_losses,
@@ -82,12 +81,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stop_signal: int | None = None
         self.step = 0
-        # The named terms the model's parts report (model/context.py), summed over the steps
-        # since the last progress line: name -> (layers, values); the number of steps; which
-        # names are loss terms.
-        self.aux_sum: dict[str, tuple[list[int], torch.Tensor]] = {}
-        self.aux_steps = 0
-        self.aux_losses: set[str] = set()
+        self.aux = AuxMeter()  # what the model's parts report, between two progress lines
         self.eval_bytes: int | None = None  # exact size of the periodic evaluations' text
         self.yardstick: dict[str, float] = {}  # gzip and xz bits per byte on that text
 
@@ -212,7 +206,6 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         cross_entropy_sum = torch.zeros((), device=self.device)
-        aux_sum: dict[str, tuple[list[int], torch.Tensor]] = {}
         for micro_step in range(self.accumulation):
             inputs, targets = self.loader.next_batch()
             inputs = inputs.to(self.device, non_blocking=True)
@@ -224,10 +217,7 @@ class Trainer:
                 (out.loss / self.accumulation).backward()
             loss_sum += out.loss.detach()
             cross_entropy_sum += out.cross_entropy.detach()
-            self.aux_losses.update(term.name for term in out.aux if term.is_loss)
-            for name, (layers, values) in aux_table(out.aux).items():
-                aux_sum[name] = (layers, values + aux_sum[name][1] if name in aux_sum
-                                 else values)
+            self.aux.add(out.aux)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         if self.dims.ep > 1:  # expert gradients live on different ranks: the global norm
             grad_norm = clip_grad_norm_(self.model, clip)
@@ -239,8 +229,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         losses = self.runtime.mean(torch.stack([loss_sum, cross_entropy_sum])) / self.accumulation
-        if aux_sum:
-            self._add_aux(aux_sum)
+        self.aux.end_step(self.runtime.mean, self.accumulation)
         return float(losses[0]), float(losses[1]), float(grad_norm)
 
     def run(self) -> dict[str, Any]:
@@ -284,7 +273,7 @@ class Trainer:
             if crossed is not None:
                 self._recover_from_spike(loss, crossed)
                 interval_losses, interval_start = [], time.perf_counter()
-                self.aux_sum, self.aux_steps = {}, 0
+                self.aux.reset()
                 continue
             interval_losses.append(loss)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
@@ -302,18 +291,6 @@ class Trainer:
             if not interval_losses:
                 interval_start = time.perf_counter()
 
-    def _add_aux(self, step_sum: dict[str, tuple[list[int], torch.Tensor]]) -> None:
-        """Add one step's terms, averaged over its micro-batches and the ranks (one reduction
-        for them all), to the interval's sums."""
-        names = list(step_sum)
-        flat = torch.cat([step_sum[name][1].reshape(-1) for name in names])
-        flat = self.runtime.mean(flat) / self.accumulation
-        for name, values in zip(names, flat.split([step_sum[n][1].numel() for n in names])):
-            layers, shaped = step_sum[name][0], values.view_as(step_sum[name][1])
-            self.aux_sum[name] = (layers, shaped + self.aux_sum[name][1]
-                                  if name in self.aux_sum else shaped)
-        self.aux_steps += 1
-
     def _log_train(self, loss: float, cross_entropy: float, grad_norm: float,
                    seconds_per_step: float, smoothed_seconds: float) -> None:
         tokens_per_second = self.tokens_per_step / seconds_per_step
@@ -321,13 +298,9 @@ class Trainer:
                if self.peak_flops else None)
         lr = self.optimizer.param_groups[0]["lr"]
         eta = smoothed_seconds * (self.cfg.train.max_steps - self.step)
-        aux = None
-        if self.aux_sum:  # the interval's mean over steps, per layer
-            aux = aux_row({name: (layers, values / self.aux_steps)
-                           for name, (layers, values) in self.aux_sum.items()})
-            self.aux_sum, self.aux_steps = {}, 0
+        aux = self.aux.take()  # the interval's means, per layer
         self.log(progress_line(self.step, self.cfg.train.max_steps, loss, lr, grad_norm,
-                               tokens_per_second, mfu, eta, aux, frozenset(self.aux_losses)))
+                               tokens_per_second, mfu, eta, aux, frozenset(self.aux.losses)))
         row = {"step": self.step, "split": "train", "loss": loss,
                "cross_entropy": cross_entropy, "lr": lr, "grad_norm": grad_norm,
                "tokens": self.step * self.tokens_per_step,

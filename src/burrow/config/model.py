@@ -1,0 +1,252 @@
+"""The shape of a model: ModelConfig, its Switch section (MoEConfig) and per-layer parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from burrow import blocks
+from burrow.blocks import LayerSpec
+from burrow.config.fields import build_section, check_choice, check_positive
+from burrow.errors import UserError
+
+FFN_KINDS = ("swiglu", "gelu")
+NORM_KINDS = ("rmsnorm", "layernorm")
+POSITION_KINDS = ("rope", "relative", "learned")
+BLOCK_KINDS = ("serial", "parallel")
+INIT_KINDS = ("gpt2", "fan_in")
+LOSS_KERNELS = ("auto", "chunked", "plain")
+
+
+
+@dataclass
+class MoEConfig:
+    """Sparse mixture-of-experts feed-forward layers (Switch Transformer, Fedus et al. 2021).
+
+    With num_experts > 0, every `every`-th block's MLP becomes num_experts expert MLPs behind a
+    router that sends each token to its top_k experts.
+    """
+
+    # Experts per sparse layer; 0 = a dense model.
+    num_experts: int = 0
+    # Every N-th block is sparse (Switch: 2, every other FFN layer; 1 = all of them).
+    every: int = 2
+    # Experts per token: 1 = Switch, 2 = GShard (gates renormalised over the two).
+    top_k: int = 1
+    # Expert capacity in training = capacity_factor x top_k x tokens / num_experts (Switch: 1.25).
+    capacity_factor: float = 1.25
+    # Capacity factor in evaluation and generation (Switch: 2.0).
+    eval_capacity_factor: float = 2.0
+    # Capacity = the busiest expert's load, so no token is dropped.
+    dropless: bool = False
+    # Load-balancing loss alpha * N * sum_i f_i * P_i (Switch eq. 4: alpha = 0.01).
+    balance_loss: float = 0.01
+    # Router z-loss coefficient on mean log^2 Z of the router logits (ST-MoE eq. 5: 1e-3).
+    router_z_loss: float = 1e-3
+    # Multiply the router's input by U(1 - jitter, 1 + jitter) in training (Switch: 0.01); 0 = off.
+    jitter: float = 0.0
+    # Experts and router init N(0, init_scale / fan_in) truncated at 2 sigma (Switch §2.4: 0.1).
+    init_scale: float = 0.1
+    # Hidden width of each expert; None = the model's d_ff.
+    d_ff: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) has experts: blocks every-1, 2*every-1, ..."""
+        return self.enabled and (layer + 1) % self.every == 0
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a value is invalid."""
+        if self.num_experts < 0:
+            raise UserError(f"model.moe.num_experts must be >= 0, got {self.num_experts}")
+        check_positive(self.every, "model.moe.every")
+        if not 1 <= self.top_k <= max(1, self.num_experts):
+            raise UserError(f"model.moe.top_k={self.top_k} must be between 1 and "
+                            f"model.moe.num_experts={self.num_experts}")
+        for name in ("capacity_factor", "eval_capacity_factor", "init_scale"):
+            check_positive(getattr(self, name), f"model.moe.{name}")
+        for name in ("balance_loss", "router_z_loss"):
+            if getattr(self, name) < 0:
+                raise UserError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise UserError(f"model.moe.jitter must be in [0, 1), got {self.jitter}")
+        if self.d_ff is not None:
+            check_positive(self.d_ff, "model.moe.d_ff")
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a decoder-only transformer language model."""
+
+    # Number of token ids; the tokenizer's vocabulary size.
+    vocab_size: int = 8192
+    # Width of the residual stream.
+    d_model: int = 256
+    # Number of transformer blocks.
+    n_layers: int = 6
+    # Number of query heads.
+    n_heads: int = 8
+    # Number of key/value heads: n_heads = MHA, 1 = MQA (PaLM), in between = GQA; None = n_heads.
+    n_kv_heads: int | None = None
+    # Width of one attention head; None = d_model // n_heads.
+    head_dim: int | None = None
+    # Hidden width of the MLP; None = 4 * d_model (gelu) or 8/3 * d_model rounded up to 8 (swiglu).
+    d_ff: int | None = None
+    # MLP kind: "swiglu" (PaLM) or "gelu" (GPT-2/3, Gopher).
+    ffn: str = "swiglu"
+    # Normalisation: "rmsnorm" (Gopher, Llama) or "layernorm" (GPT-3, PaLM).
+    norm: str = "rmsnorm"
+    # Positions: "rope" (PaLM), "relative" (Transformer-XL, Gopher) or "learned" (GPT-2/3).
+    positions: str = "rope"
+    # Block: "serial" (attention then MLP) or "parallel" (PaLM: x + attn(n(x)) + mlp(n(x))).
+    block: str = "serial"
+    # Share the input embedding with the output projection.
+    tie_embeddings: bool = False
+    # Biases in the linear layers and layernorms.
+    bias: bool = False
+    # Coefficient of the softmax normaliser loss z_loss * log(Z)^2 (PaLM: 1e-4); 0 = off.
+    z_loss: float = 0.0
+    # Longest sequence the model accepts (and the length of learned position tables).
+    max_seq_len: int = 256
+    # Dropout probability on attention weights and residual branches.
+    dropout: float = 0.0
+    # Weight init: "gpt2" (N(0, 0.02), residual outputs / sqrt(2L)) or "fan_in" (PaLM §2).
+    init: str = "gpt2"
+    # Base of the rotary frequencies.
+    rope_theta: float = 10000.0
+    # Epsilon of the normalisation layers.
+    norm_eps: float = 1e-5
+    # Sparse expert MLPs (Switch Transformer); dense unless moe.num_experts > 0.
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    # Each block's parts, a list of n_layers {mixer, ffn, extras} (blocks.py); None = derived
+    # from the fields above (attention and an MLP, Switch experts where moe makes them).
+    layers: list[LayerSpec] | None = None
+    # Output layer and loss: "chunked" (fused, in row chunks: model/loss.py), "plain" (logits,
+    # then F.cross_entropy) or "auto" (chunked on a CPU, where it is measured faster; plain
+    # elsewhere until measured there).
+    loss_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads with the default resolved."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        """Per-head width with the default resolved."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def expert_ffn_size(self) -> int:
+        """Hidden width of one expert with the default resolved."""
+        return self.ffn_size if self.moe.d_ff is None else self.moe.d_ff
+
+    def layer_spec(self, layer: int) -> LayerSpec:
+        """The parts of block `layer` (0-based): `layers[layer]` when given, else attention and
+        a dense MLP, Switch experts in the blocks moe.every makes sparse."""
+        if self.layers is not None:
+            return self.layers[layer]
+        return LayerSpec(ffn="switch" if self.moe.is_sparse(layer) else "mlp")
+
+    @property
+    def sparse_layers(self) -> list[int]:
+        """The blocks whose feed-forward layer is a set of Switch experts."""
+        return [layer for layer in range(self.n_layers) if self.layer_spec(layer).ffn == "switch"]
+
+    @property
+    def ffn_size(self) -> int:
+        """MLP hidden width with the default resolved."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.ffn == "gelu":
+            return 4 * self.d_model
+        return -(-8 * self.d_model // 3 // 8) * 8
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if the combination is invalid."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            check_positive(getattr(self, name), f"model.{name}")
+        check_choice(self.ffn, FFN_KINDS, "model.ffn")
+        check_choice(self.norm, NORM_KINDS, "model.norm")
+        check_choice(self.positions, POSITION_KINDS, "model.positions")
+        check_choice(self.block, BLOCK_KINDS, "model.block")
+        check_choice(self.init, INIT_KINDS, "model.init")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise UserError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "change one of them or set model.head_dim"
+            )
+        check_positive(self.head_size, "model.head_dim")
+        check_positive(self.kv_heads, "model.n_kv_heads")
+        if self.n_heads % self.kv_heads:
+            raise UserError(
+                f"model.n_heads={self.n_heads} must be a multiple of "
+                f"model.n_kv_heads={self.kv_heads} (MHA: equal, MQA: 1, GQA: a divisor)"
+            )
+        if self.positions == "rope" and self.head_size % 2:
+            raise UserError(f"rotary positions need an even model.head_dim, got {self.head_size}")
+        check_positive(self.ffn_size, "model.d_ff")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.z_loss < 0:
+            raise UserError(f"model.z_loss must be >= 0, got {self.z_loss}")
+        check_choice(self.loss_kernel, LOSS_KERNELS, "model.loss_kernel")
+        if isinstance(self.moe, dict):  # built from YAML or a dict
+            self.moe = build_section(MoEConfig, self.moe, "model.moe")
+        self.moe.validate()
+        self._validate_layers()
+        if self.moe.enabled and not self.sparse_layers:
+            raise UserError(f"model.moe.every={self.moe.every} leaves none of the "
+                            f"{self.n_layers} blocks sparse; lower model.moe.every")
+        if self.sparse_layers and not self.moe.enabled:
+            raise UserError("model.layers has Switch blocks but model.moe.num_experts is 0; "
+                            "set model.moe.num_experts")
+
+    def _validate_layers(self) -> None:
+        if self.layers is None:
+            return
+        if not isinstance(self.layers, (list, tuple)):
+            raise UserError("model.layers must be a list of {mixer, ffn, extras}, one per block")
+        specs = []
+        for index, spec in enumerate(self.layers):
+            if isinstance(spec, dict):
+                unknown = set(spec) - {"mixer", "ffn", "extras"}
+                if unknown:
+                    raise UserError(f"model.layers[{index}] has unknown key(s) "
+                                    f"{', '.join(sorted(unknown))}; use mixer, ffn, extras")
+                spec = LayerSpec(**spec)
+            elif not isinstance(spec, LayerSpec):
+                raise UserError(f"model.layers[{index}] must be a mapping of mixer, ffn, extras")
+            for role, name in spec.parts():
+                blocks.kind(role, name)
+            specs.append(spec)
+        self.layers = specs
+        if len(specs) != self.n_layers:
+            raise UserError(f"model.layers describes {len(specs)} blocks but model.n_layers is "
+                            f"{self.n_layers}; give one entry per block")
+
+    def num_params(self, *, embeddings: bool = True, active: bool = False) -> int:
+        """Exact parameter count of `Transformer(self)`, computed without allocating.
+
+        With `embeddings=False`, the token embedding, the untied output head and learned
+        position tables are left out (Kaplan et al.'s non-embedding parameters). With
+        `active=True`, a sparse layer counts its router and the top_k experts a token goes
+        through, not all of them: the parameters each token is multiplied by.
+        """
+        total = blocks.norm_params(self)  # the final norm
+        total += sum(blocks.block_params(self, layer, active) for layer in range(self.n_layers))
+        if embeddings:
+            total += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+            if self.positions == "learned":
+                total += self.max_seq_len * self.d_model
+        return total
+
+

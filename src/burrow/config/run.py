@@ -1,0 +1,235 @@
+"""How a run trains (TrainConfig), on what (DataConfig), distilling what (DistillConfig), and the
+whole run (RunConfig, saved as config.yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from burrow.config.fields import build_section, check_choice, check_positive
+from burrow.config.model import ModelConfig
+from burrow.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained: steps, batch, optimiser, schedule, precision, checkpoints."""
+
+    # Number of optimiser steps.
+    max_steps: int = 1000
+    # Tokens per optimiser step (batch_size * seq_len * accumulation * world size).
+    batch_tokens: int = 8192
+    # Sequences per forward pass; gradient accumulation fills batch_tokens.
+    micro_batch_size: int = 16
+    # Tokens per training sequence; at most model.max_seq_len.
+    seq_len: int = 256
+    # Peak learning rate.
+    lr: float = 3e-3
+    # Final learning rate as a fraction of lr (Gopher: cosine decay to 10%).
+    min_lr_ratio: float = 0.1
+    # Linear warmup steps from warmup_init_lr to lr.
+    warmup_steps: int = 100
+    # Learning rate at step 0 (Gopher: 1e-7).
+    warmup_init_lr: float = 1e-7
+    # Schedule after warmup: "cosine" (Gopher), "constant", "wsd" (warmup-stable-decay) or
+    # "rsqrt" (T5's inverse square root, which needs no end).
+    schedule: str = "cosine"
+    # Fraction of the steps spent in the final linear decay of the "wsd" schedule.
+    decay_fraction: float = 0.2
+    # AdamW weight decay on matrices (Gopher's Adam = AdamW with 0).
+    weight_decay: float = 0.1
+    # AdamW beta1.
+    beta1: float = 0.9
+    # AdamW beta2.
+    beta2: float = 0.95
+    # AdamW epsilon.
+    eps: float = 1e-8
+    # Clip the global gradient norm to this value; 0 = off.
+    grad_clip: float = 1.0
+    # Evaluate on held-out data every N steps (and at the end); 0 = only at the end.
+    eval_every: int = 200
+    # Held-out tokens per periodic evaluation (the final `burrow eval` uses all of them).
+    eval_tokens: int = 65536
+    # Write a checkpoint every N steps (and at the end); 0 = only at the end.
+    save_every: int = 500
+    # Checkpoints kept on disk (the newest); 0 = keep all.
+    keep_checkpoints: int = 2
+    # Print a progress line every N steps.
+    log_every: int = 10
+    # Seed of the data order, the init and dropout.
+    seed: int = 0
+    # torch.compile the model.
+    compile: bool = False
+    # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", "mps".
+    device: str = "auto"
+    # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16".
+    precision: str = "auto"
+    # Data parallelism under torchrun: "none", "ddp" or "fsdp" (FSDP2, sharded checkpoints).
+    parallel: str = "none"
+    # Split each sparse layer's experts over this many ranks (expert parallelism, with ddp).
+    expert_parallel: int = 1
+    # Loss-spike recovery (PaLM §5.1): a loss above spike_factor x the mean of the last
+    # spike_window losses is a spike; 0 = off.
+    spike_factor: float = 0.0
+    # Steps of loss history the spike threshold is computed from.
+    spike_window: int = 100
+    # After a spike, resume from the newest checkpoint at least this many steps earlier.
+    spike_rollback: int = 100
+    # Optimiser steps' worth of data batches skipped after rolling back (PaLM: 200 to 500).
+    spike_skip: int = 300
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a value is invalid."""
+        for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "lr", "log_every",
+                     "expert_parallel"):
+            check_positive(getattr(self, name), f"train.{name}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "grad_clip",
+                     "weight_decay", "eval_tokens", "spike_factor", "spike_rollback",
+                     "spike_skip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        check_choice(self.schedule, ("cosine", "constant", "wsd", "rsqrt"), "train.schedule")
+        check_choice(self.precision, ("auto", "fp32", "bf16"), "train.precision")
+        check_choice(self.parallel, ("none", "ddp", "fsdp"), "train.parallel")
+        if self.spike_factor and self.spike_factor <= 1.0:
+            raise UserError(f"train.spike_factor must be above 1 (or 0 = off), got "
+                            f"{self.spike_factor}")
+        check_positive(self.spike_window, "train.spike_window")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise UserError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is tokenized and split."""
+
+    # "stdlib" (the running Python's standard library), a file, a directory, a .jsonl file,
+    # or a prepared directory.
+    source: str = "stdlib"
+    # Field holding the text in .jsonl sources.
+    text_field: str = "text"
+    # Fraction of documents held out for validation (split by document, deterministic).
+    val_fraction: float = 0.02
+    # Tokenizer algorithm: "bpe" or "unigram" (sentencepiece).
+    tokenizer_type: str = "bpe"
+    # Tokenize with the run directory's own tokenizer.model instead of training one on the
+    # data: fine-tuning a model whose vocabulary is fixed (e.g. one imported with import-hf).
+    keep_tokenizer: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a value is invalid."""
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        check_choice(self.tokenizer_type, ("bpe", "unigram"), "data.tokenizer_type")
+
+
+@dataclass
+class DistillConfig:
+    """Distilling a teacher (a sparse one, in Switch Transformer §4) into a dense student."""
+
+    # Run directory of the teacher; its latest checkpoint teaches.
+    teacher: str = ""
+    # Weight of the cross-entropy against the data's next tokens (Switch Table 6: 0.75).
+    label_weight: float = 0.75
+    # Weight of the cross-entropy against the teacher's probabilities (Switch Table 6: 0.25).
+    teacher_weight: float = 0.25
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a value is invalid."""
+        if not self.teacher:
+            raise UserError("distill.teacher is empty; name the teacher's run directory")
+        for name in ("label_weight", "teacher_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
+        if self.label_weight + self.teacher_weight <= 0:
+            raise UserError("distill.label_weight and distill.teacher_weight are both 0; "
+                            "give one of them a positive weight")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; saved as config.yaml in the run directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Name of the preset the model came from, for the record.
+    preset: str | None = None
+    # Set in runs made by `burrow distill`: the teacher and the weights of the loss.
+    distill: DistillConfig | None = None
+
+    def validate(self) -> None:
+        """Check each part and the constraints between them."""
+        self.model.validate()
+        self.train.validate()
+        self.data.validate()
+        if self.distill is not None:
+            self.distill.validate()
+            if self.model.moe.enabled:
+                raise UserError(
+                    f"the student {self.preset or 'model'} is sparse (model.moe.num_experts="
+                    f"{self.model.moe.num_experts}); distillation makes a dense model (Switch "
+                    "§4): choose a dense --student preset")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise UserError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}; lower --seq-len or raise model.max_seq_len"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        if raw["distill"] is None:  # an ordinary run: no section to show
+            del raw["distill"]
+        if self.model.layers is None:  # derived from the other fields: nothing to show
+            del raw["model"]["layers"]
+        else:
+            raw["model"]["layers"] = [spec.to_dict() for spec in self.model.layers]
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        raw = dict(raw)
+        parts = {name: build_section(kind, raw.pop(name, {}) or {}, name)
+                 for name, kind in (("model", ModelConfig), ("train", TrainConfig),
+                                    ("data", DataConfig))}
+        preset, distill = raw.pop("preset", None), raw.pop("distill", None)
+        if raw:
+            raise UserError(f"unknown config section(s): {', '.join(sorted(raw))}")
+        if distill is not None:
+            distill = build_section(DistillConfig, distill, "distill")
+        cfg = cls(preset=preset, distill=distill, **parts)
+        cfg.validate()
+        return cfg
+
+    def save(self, path: Path) -> None:
+        """Write the resolved config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise UserError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections")
+        return cls.from_dict(raw)
+
+
