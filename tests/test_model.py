@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from burrow import ModelConfig, Transformer, UserError
 from burrow.infer import generate, sample_next
 from burrow.model.norms import RMSNormFunction
-from burrow.model.positions import rotary_tables, sinusoid_table
+from burrow.model.positions import rotary_tables
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -41,20 +41,47 @@ def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return model
 
 
+def norm_by_hand(norm: torch.nn.Module, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba et al. 2016) from their formulas, with
+    the module's weights only."""
+    if cfg.norm == "rmsnorm":
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * norm.weight
+    centred = x - x.mean(-1, keepdim=True)
+    y = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * norm.weight
+    return y if norm.bias is None else y + norm.bias
+
+
+def linear_by_hand(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    y = x @ layer.weight.T
+    return y if layer.bias is None else y + layer.bias
+
+
+def mlp_by_hand(mlp: torch.nn.Module, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """SwiGLU (Shazeer 2020): down(silu(gate x) * up x); GELU MLP: down(gelu(up x))."""
+    if cfg.ffn == "swiglu":
+        gate = linear_by_hand(mlp.gate_proj, x)
+        hidden = gate * torch.sigmoid(gate) * linear_by_hand(mlp.up_proj, x)
+    else:
+        up = linear_by_hand(mlp.up_proj, x)
+        hidden = 0.5 * up * (1 + torch.erf(up / math.sqrt(2)))
+    return linear_by_hand(mlp.down_proj, hidden)
+
+
 def naive_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    """The forward pass written out position by position, from the papers' equations."""
+    """The forward pass written out position by position, from the papers' equations, with
+    the model's weights and none of its modules' code."""
     cfg = model.cfg
     B, T = ids.shape
     H, K, D = cfg.n_heads, cfg.kv_heads, cfg.head_size
-    x = model.embed(ids)
+    x = model.embed.weight[ids]
     if cfg.positions == "learned":
         x = x + model.pos_embed.weight[:T]
     for block in model.blocks:
         attn = block.attn
-        h = block.attn_norm(x)
-        q = attn.q_proj(h).view(B, T, H, D)
-        k = attn.k_proj(h).view(B, T, K, D).repeat_interleave(H // K, dim=2)
-        v = attn.v_proj(h).view(B, T, K, D).repeat_interleave(H // K, dim=2)
+        h = norm_by_hand(block.attn_norm, x, cfg)
+        q = linear_by_hand(attn.q_proj, h).view(B, T, H, D)
+        k = linear_by_hand(attn.k_proj, h).view(B, T, K, D).repeat_interleave(H // K, dim=2)
+        v = linear_by_hand(attn.v_proj, h).view(B, T, K, D).repeat_interleave(H // K, dim=2)
         if cfg.positions == "rope":
             q = rope_by_complex_numbers(q, cfg.rope_theta)
             k = rope_by_complex_numbers(k, cfg.rope_theta)
@@ -63,7 +90,7 @@ def naive_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
             for j in range(i + 1):
                 if cfg.positions == "relative":
                     rel = attn.relative
-                    r = rel.W_R(sinusoid_table(i - j + 1, cfg.d_model, x.device)[i - j])
+                    r = linear_by_hand(rel.W_R, sinusoid_by_hand(i - j, cfg.d_model))
                     r = r.view(H, D)
                     content = ((q[:, i] + rel.u[:, 0]) * k[:, j]).sum(-1)
                     position = ((q[:, i] + rel.v[:, 0]) * r).sum(-1)
@@ -72,15 +99,22 @@ def naive_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
                     scores[:, :, i, j] = (q[:, i] * k[:, j]).sum(-1) / math.sqrt(D)
         weights = scores.softmax(-1)  # (B, H, T, T)
         y = torch.einsum("bhij,bjhd->bihd", weights, v).reshape(B, T, H * D)
-        attended = attn.o_proj(y)
+        attended = linear_by_hand(attn.o_proj, y)
         if cfg.block == "parallel":
-            x = x + attended + block.mlp(h)
+            x = x + attended + mlp_by_hand(block.mlp, h, cfg)
         else:
             x = x + attended
-            x = x + block.mlp(block.mlp_norm(x))
-    x = model.norm(x)
+            x = x + mlp_by_hand(block.mlp, norm_by_hand(block.mlp_norm, x, cfg), cfg)
+    x = norm_by_hand(model.norm, x, cfg)
     weight = model.embed.weight if model.head is None else model.head.weight
     return x @ weight.T * model.logit_scale
+
+
+def sinusoid_by_hand(distance: int, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s encoding of one distance, sines then cosines (Transformer-XL's order):
+    sin(d / 10000^(2i/dim)), cos(d / 10000^(2i/dim))."""
+    angles = torch.tensor([distance / 10000 ** (2 * i / dim) for i in range(dim // 2)])
+    return torch.cat([angles.sin(), angles.cos()])
 
 
 def rope_by_complex_numbers(x: torch.Tensor, theta: float) -> torch.Tensor:

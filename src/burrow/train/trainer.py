@@ -152,8 +152,9 @@ class Trainer:
             self._restore(checkpoint)
         elif self.runtime.is_main:
             self.metrics.path.unlink(missing_ok=True)
-        active = (f", {cfg.model.num_params(active=True):,} active per token"
-                  if cfg.model.moe.enabled else "")
+        active_params = cfg.model.num_params(active=True)
+        active = (f", {active_params:,} active per token"
+                  if active_params != cfg.model.num_params() else "")
         self.log(f"model: {cfg.model.num_params():,} parameters{active} "
                  f"({cfg.model.num_params(embeddings=False):,} without embeddings) on "
                  f"{self._where()}; {self.tokens_per_step:,} tokens per step "
