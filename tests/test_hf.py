@@ -167,6 +167,21 @@ def test_export_refuses_what_llama_cannot_express(fields, named, tokenizer_file,
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_refuses_parts_a_llama_lacks(tokenizer_file, tmp_path, capsys):
+    from burrow import blocks
+    from test_blocks import GatedShift, gated_shift_params
+
+    blocks.register("extra", "gated_shift", GatedShift, gated_shift_params)
+    try:
+        make_run(tmp_path / "run", tokenizer_file, n_heads=4,
+                 layers=[{"extras": ["gated_shift"]}, {}])
+        assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
+    finally:
+        blocks._KINDS.pop(("extra", "gated_shift"))
+    assert_one_line_error(capsys, "model.layers gives block 0")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_allows_training_only_fields(tokenizer_file, tmp_path):
     make_run(tmp_path / "run", tokenizer_file, n_heads=4, z_loss=1e-4, dropout=0.1,
              init="fan_in")

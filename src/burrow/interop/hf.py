@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from burrow.blocks import LayerSpec
 from burrow.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from burrow.data import Tokenizer
 from burrow.data.tokenizer import META_SYMBOL, MODEL_FILE
@@ -61,7 +62,12 @@ def check_exportable(cfg: ModelConfig) -> None:
     Training-only fields pass: z_loss changes the loss, not the logits; dropout is off at
     inference; init only sets the starting point (except for the logit scale below).
     """
+    unusual = [layer for layer in range(cfg.n_layers)
+               if cfg.layer_spec(layer) != LayerSpec(mixer="attention", ffn="mlp")]
     refusals = [
+        (bool(unusual) and not cfg.moe.enabled, f"model.layers gives block "
+         f"{unusual[0] if unusual else ''} parts a Llama lacks; only attention and a dense MLP "
+         "export"),
         (cfg.moe.enabled, f"model.moe.num_experts={cfg.moe.num_experts}: a Llama has no "
          "experts (burrow does not write Mixtral); distil the model into a dense one with "
          "`burrow distill` and export that"),
