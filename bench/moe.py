@@ -361,16 +361,30 @@ def distill(args: argparse.Namespace, dense_cfg: RunConfig, switch_cfg: RunConfi
     the share of the teacher's gain kept by the distilled student and by the initialisation
     baseline, with their mean and spread over the seeds."""
     seeds = [distill_seed(args, dense_cfg, switch_cfg, seed) for seed in args.seeds]
-    result: dict[str, Any] = {
-        "seeds": args.seeds, "steps_each_run": args.distill_steps,
-        "schedule": "each run its own warmup and cosine over its steps, a fresh AdamW and the "
-                    "data order from its start; the continuations start from copied weights",
-        "held_out_tokens": seeds[0]["held_out_tokens"]}
+    return {"seeds": args.seeds, "steps_each_run": args.distill_steps,
+            "schedule": "each run its own warmup and cosine over its steps, a fresh AdamW and "
+                        "the data order from its start; the continuations start from copied "
+                        "weights",
+            "held_out_tokens": seeds[0]["held_out_tokens"], **distill_summary(seeds),
+            "per_seed": seeds}
+
+
+def distill_summary(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over the seeds of every gain. The shares divide by the teacher's gain,
+    so they are given only when that gain is resolved: positive in every seed and at least
+    twice its standard deviation; otherwise they would be noise over noise, and the
+    differences in nats (which need no teacher gain) are what the run measured."""
+    result: dict[str, Any] = {key: spread([seed[key] for seed in seeds]) for key in (
+        "teacher_gain_nats", "continued_dense_gain_nats", "student_minus_init_only_nats",
+        "student_minus_continued_dense_nats", "init_only_minus_continued_dense_nats")}
+    teacher = result["teacher_gain_nats"]
+    resolved = (all(gain > 0 for gain in teacher["values"])
+                and (teacher["std"] is None or teacher["mean"] >= 2 * teacher["std"]))
+    result["teacher_gain_resolved"] = resolved
     for key in ("student_gain_kept_percent", "init_only_gain_kept_percent",
-                "teacher_probabilities_share_percent", "teacher_gain_nats",
-                "continued_dense_gain_nats"):
-        result[key] = spread([seed[key] for seed in seeds])
-    result["per_seed"] = seeds
+                "teacher_probabilities_share_percent"):
+        result[key] = (spread([seed[key] for seed in seeds]) if resolved else
+                       "undefined: the teacher's gain is within its spread over the seeds")
     return result
 
 
@@ -433,6 +447,10 @@ def gains(final: dict[str, float]) -> dict[str, float | None]:
     student, init_only = kept("student"), kept("init_only")
     return {"teacher_gain_nats": gain,
             "continued_dense_gain_nats": final["dense"] - final["dense_continued"],
+            "student_minus_init_only_nats": final["student"] - final["init_only"],
+            "student_minus_continued_dense_nats": final["student"] - final["dense_continued"],
+            "init_only_minus_continued_dense_nats":
+                final["init_only"] - final["dense_continued"],
             "student_gain_kept_percent": student, "init_only_gain_kept_percent": init_only,
             "teacher_probabilities_share_percent":
                 None if student is None else student - init_only}

@@ -54,6 +54,23 @@ def test_gain_kept_compares_with_the_dense_baseline_continued_as_long():
     assert no_gain["teacher_probabilities_share_percent"] is None
 
 
+def test_shares_are_given_only_when_the_teacher_gain_stands_out_of_its_spread():
+    moe = importlib.import_module("moe")
+    final = {"switch": 3.00, "dense": 3.10, "dense_continued": 3.05, "student": 3.02,
+             "init_only": 3.05}
+    clear = [moe.gains(final), moe.gains({**final, "switch": 2.98})]
+    summary = moe.distill_summary(clear)
+    assert summary["teacher_gain_resolved"] is True
+    assert summary["student_gain_kept_percent"]["values"] == pytest.approx([30.0, 25.0])
+    assert summary["student_minus_init_only_nats"]["mean"] == pytest.approx(-0.03)
+    noisy = [moe.gains({**final, "switch": 3.09}), moe.gains({**final, "switch": 3.06}),
+             moe.gains({**final, "switch": 3.11})]  # one seed's teacher is worse
+    summary = moe.distill_summary(noisy)
+    assert summary["teacher_gain_resolved"] is False
+    assert summary["student_gain_kept_percent"].startswith("undefined")
+    assert summary["init_only_minus_continued_dense_nats"]["mean"] == pytest.approx(0.0)
+
+
 def test_spread_leaves_out_missing_values():
     moe = importlib.import_module("moe")
     assert moe.spread([10.0, None, 30.0]) == {"mean": 20.0, "std": pytest.approx(14.142, 1e-3),
