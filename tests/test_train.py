@@ -57,6 +57,50 @@ def test_rsqrt_schedule_is_t5s_and_ignores_the_run_length():
     assert all(learning_rate(step, short) == learning_rate(step, long) for step in range(501))
 
 
+def test_schedule_steps_fix_the_schedule_whatever_max_steps():
+    planned = TrainConfig(max_steps=1000, lr=1e-3, warmup_steps=100)
+    longer = TrainConfig(max_steps=2000, lr=1e-3, warmup_steps=100, schedule_steps=1000)
+    assert all(learning_rate(step, longer) == learning_rate(step, planned)
+               for step in range(1001))
+    assert learning_rate(1500, longer) == pytest.approx(1e-4)  # the floor after its end
+    # A run planned long and stopped early follows the rates of the whole plan.
+    early = TrainConfig(max_steps=300, lr=1e-3, warmup_steps=100, schedule_steps=1000)
+    assert all(learning_rate(step, early) == learning_rate(step, planned) for step in range(301))
+
+
+def test_wsd_decay_steps_end_at_max_steps_so_a_run_can_be_extended_then_decayed():
+    stable = TrainConfig(max_steps=1000, lr=1e-3, warmup_steps=10, schedule="wsd",
+                         decay_steps=200, min_lr_ratio=0.0)
+    extended = TrainConfig(max_steps=3000, lr=1e-3, warmup_steps=10, schedule="wsd",
+                           decay_steps=200, min_lr_ratio=0.0)
+    assert learning_rate(799, stable) == 1e-3 and learning_rate(900, stable) == pytest.approx(5e-4)
+    assert learning_rate(2799, extended) == 1e-3  # the stable phase stretches
+    assert learning_rate(2900, extended) == pytest.approx(5e-4)
+    assert learning_rate(3000, extended) == pytest.approx(0.0)
+
+
+def test_a_longer_resume_says_what_it_does_to_the_schedule(tmp_path, capsys):
+    cfg = tiny_run_config(max_steps=4, warmup_steps=1)
+    train(cfg, tmp_path / "run", verbose=False)
+    longer = tiny_run_config(max_steps=8, warmup_steps=1)
+    train(longer, tmp_path / "run", resume=True)
+    notes = [line for line in capsys.readouterr().out.splitlines() if "--max-steps" in line]
+    before, after = learning_rate(4, cfg.train), learning_rate(4, longer.train)
+    assert after > before  # the cosine over 8 steps is higher at step 4 than its end
+    assert notes == [f"note: --max-steps 8 (was 4): the cosine schedule is recomputed over 8 "
+                     f"steps; the rate at step 4 goes from {before:.2e} to {after:.2e} "
+                     "(--schedule-steps 4 keeps the old schedule)"]
+
+
+def test_extending_a_run_with_schedule_steps_gives_the_losses_of_the_whole_run(tmp_path):
+    straight = train(tiny_run_config(max_steps=8, schedule_steps=8), tmp_path / "straight",
+                     verbose=False)["train_losses"]
+    train(tiny_run_config(max_steps=4, schedule_steps=8), tmp_path / "extended", verbose=False)
+    extended = train(tiny_run_config(max_steps=8, schedule_steps=8), tmp_path / "extended",
+                     resume=True, verbose=False)
+    assert extended["train_losses"] == straight
+
+
 def test_weight_decay_only_on_matrices():
     from burrow import ModelConfig, Transformer
 

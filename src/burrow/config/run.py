@@ -40,6 +40,12 @@ class TrainConfig:
     schedule: str = "cosine"
     # Fraction of the steps spent in the final linear decay of the "wsd" schedule.
     decay_fraction: float = 0.2
+    # Steps of the "wsd" decay, ending at the schedule's last step; 0 = decay_fraction of them.
+    # Fixed, it lets a run be extended in its stable phase and decayed when it ends.
+    decay_steps: int = 0
+    # Steps the "cosine" and "wsd" schedules span, then the floor; 0 = max_steps. Fixed, a run
+    # resumed with a larger max_steps keeps the rates of the run it continues.
+    schedule_steps: int = 0
     # AdamW weight decay on matrices (Gopher's Adam = AdamW with 0).
     weight_decay: float = 0.1
     # AdamW beta1.
@@ -92,7 +98,7 @@ class TrainConfig:
             check_positive(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "grad_clip",
                      "weight_decay", "eval_tokens", "spike_factor", "spike_rollback",
-                     "spike_skip"):
+                     "spike_skip", "decay_steps", "schedule_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         check_choice(self.schedule, ("cosine", "constant", "wsd", "rsqrt"), "train.schedule")

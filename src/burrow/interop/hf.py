@@ -29,6 +29,7 @@ from burrow.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from burrow.data import Tokenizer
 from burrow.data.tokenizer import META_SYMBOL, MODEL_FILE
 from burrow.errors import UserError
+from burrow.files import new_file_mode
 from burrow.model import Transformer
 from burrow.run import check_run_dir, load_run
 from burrow.train.checkpoint import model_state, save_checkpoint
@@ -140,6 +141,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     def write(staging: Path) -> None:
         save_file({names[name]: tensor for name, tensor in weights.items()}, staging / WEIGHTS,
                   metadata={"format": "pt"})
+        os.chmod(staging / WEIGHTS, new_file_mode())  # safetensors writes it 0600
         _write_json(staging / "config.json", llama_config(cfg.model, tokenizer))
         # burrow's `generate` pads finished rows with </s>; so does transformers' with this.
         _write_json(staging / "generation_config.json", {

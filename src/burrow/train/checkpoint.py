@@ -10,22 +10,30 @@ and in both cases
 Both kinds load into any number of processes: a run saved by N processes resumes with M or 1.
 Experts split over ranks (parallel/expert.py) are gathered before saving and sliced when
 loading, so the files always hold every expert, whatever the expert-parallel degree.
-Everything is written into `step_N.tmp/`, fsynced, then renamed by rank 0: a reader trusts only
-directories that carry their final name, so a crash at any moment leaves the last good one.
+    checkpoint.json     the size and sha256 of every other file, and what the trainer records
+                        (the run config, the parallel layout), written last.
+Everything is written into `step_N.tmp-TOKEN/`, fsynced, then renamed by rank 0: a reader trusts
+only directories that carry their final name, so a crash at any moment leaves the last good one.
+A checkpoint is called corrupt only when a file fails its checksum; checkpoints written before
+checksums load as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import secrets
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -37,10 +45,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from burrow.errors import UserError
+from burrow.files import new_file_mode, write_text
 from burrow.parallel.expert import full_expert_optimizer_state, full_expert_weights, local_experts
 from burrow.parallel.runtime import Runtime
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_STAGING_DIR = re.compile(r"^step_\d+\.tmp")
+RECORD = "checkpoint.json"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _ALONE = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -74,17 +85,20 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any],
-                    keep: int = 0, *, sharded: bool = False,
-                    runtime: Runtime = _ALONE) -> Path:
+                    keep: int = 0, *, sharded: bool = False, runtime: Runtime = _ALONE,
+                    record: dict[str, Any] | None = None) -> Path:
     """Write checkpoints/step_{step}/ atomically; keep only the newest `keep` (0 = all).
 
-    Collective when `runtime` is distributed: every rank must call it.
+    `record` (plain values: the run config, the parallel layout) goes into checkpoint.json with
+    the files' checksums. Collective when `runtime` is distributed: every rank must call it.
     """
     root = Path(run_dir) / "checkpoints"
-    final, staging = root / f"step_{step}", root / f"step_{step}.tmp"
+    final, staging = root / f"step_{step}", root / f"step_{step}.tmp-{_staging_token(runtime)}"
     if runtime.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        for leftover in root.iterdir():  # a writer that died mid-checkpoint (the run is locked)
+            if _STAGING_DIR.match(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
         staging.mkdir()
     runtime.barrier()
     if sharded:
@@ -97,10 +111,13 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
         optimizer_full = optimizer_state(model, optimizer) if optimizer is not None else {}
         if runtime.is_main:
             save_file(weights, staging / "model.safetensors", metadata={"step": str(step)})
+            os.chmod(staging / "model.safetensors", new_file_mode())  # safetensors says 0600
             torch.save(optimizer_full, staging / "optimizer.pt")
     runtime.barrier()
     if runtime.is_main:
         torch.save(trainer_state, staging / "trainer.pt")
+        write_text(staging / RECORD, json.dumps(
+            {"step": step, "files": _digests(staging), **(record or {})}, indent=1) + "\n")
         _fsync_tree(staging)
         if final.exists():  # the same step saved again (e.g. at the end): replace it whole
             shutil.rmtree(final)
@@ -111,6 +128,32 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
                 shutil.rmtree(old, ignore_errors=True)
     runtime.barrier()
     return final
+
+
+def _staging_token(runtime: Runtime) -> str:
+    """A name part unique to this save, the same on every rank (rank 0's, broadcast)."""
+    token = [f"{os.getpid()}-{secrets.token_hex(4)}"]
+    if runtime.distributed:
+        torch.distributed.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _digests(directory: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the named files (default: every file but the record), in threads:
+    hashlib lets go of the interpreter while it hashes."""
+    if names is None:
+        names = sorted(str(path.relative_to(directory)) for path in directory.rglob("*")
+                       if path.is_file() and path.name != RECORD)
+    with ThreadPoolExecutor(max(1, min(8, len(names)))) as pool:
+        return dict(zip(names, pool.map(lambda name: _digest(directory / name), names)))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -129,15 +172,78 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def _corrupt(checkpoint: Path, error: BaseException) -> UserError:
-    reason = " ".join(str(error).strip().splitlines()[:1])
-    return UserError(f"checkpoint {checkpoint} is corrupt or truncated ({reason}); delete it "
-                     "to fall back to the previous one")
+def read_record(checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint's checkpoint.json (checksums, config, layout), or None for one written
+    before checkpoints had it."""
+    try:
+        return json.loads((Path(checkpoint) / RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"checkpoint {checkpoint} is corrupt: {RECORD} cannot be read "
+                        f"({error}); delete it to fall back to the previous one") from None
 
 
-def load_weights(checkpoint: Path, model: nn.Module) -> None:
-    """Load a checkpoint's weights into `model` (plain or FSDP-sharded), or raise UserError."""
+def verify_checkpoint(checkpoint: Path, part: str | None = None) -> None:
+    """Check the files of a checkpoint against their recorded sizes and checksums: all of
+    them, or those of `part` ("model": the weights; "state": optimiser and trainer state).
+    Raise UserError saying "corrupt" if one fails; a checkpoint without a record passes."""
     checkpoint = Path(checkpoint)
+    record = read_record(checkpoint)
+    if record is None:
+        return
+    expected = {name: entry for name, entry in record["files"].items()
+                if part is None or (part == "model") == name.startswith("model")}
+    present = {name for name in expected if (checkpoint / name).is_file()}
+    sized = {name for name in present
+             if (checkpoint / name).stat().st_size == expected[name]["bytes"]}
+    actual = _digests(checkpoint, sorted(sized))
+    for name in sorted(expected):
+        if name not in present:
+            problem = f"is corrupt or truncated: {name} is missing"
+        elif name not in sized:
+            problem = (f"is corrupt or truncated: {name} has "
+                       f"{(checkpoint / name).stat().st_size:,} bytes, "
+                       f"{expected[name]['bytes']:,} when saved")
+        elif actual[name]["sha256"] != expected[name]["sha256"]:
+            problem = f"is corrupt: {name} does not match the checksum it was saved with"
+        else:
+            continue
+        raise UserError(f"checkpoint {checkpoint} {problem}; delete it to fall back to the "
+                        "previous one")
+
+
+def checkpoint_shapes(checkpoint: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight in a checkpoint, read from the files' headers alone."""
+    checkpoint = Path(checkpoint)
+    try:
+        if (checkpoint / "model").is_dir():
+            metadata = dcp.FileSystemReader(checkpoint / "model").read_metadata()
+            return {name: tuple(entry.size) for name, entry in
+                    metadata.state_dict_metadata.items() if hasattr(entry, "size")}
+        with safe_open(checkpoint / "model.safetensors", framework="pt") as weights:
+            names = weights.keys()
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in names}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise _load_failed(checkpoint, error) from None
+
+
+def _load_failed(checkpoint: Path, error: BaseException) -> UserError:
+    """What to say when checked files (or files without checksums) fail to load."""
+    reason = " ".join(str(error).strip().splitlines()[:1])
+    if read_record(checkpoint) is None:  # no checksums: damage and misfit look alike
+        return UserError(f"cannot load checkpoint {checkpoint} ({reason}); if it is damaged, "
+                         "delete it to fall back to the previous one")
+    return UserError(f"checkpoint {checkpoint} does not fit this run ({reason}); drop the "
+                     "overrides that change the model, or start a new --out")
+
+
+def load_weights(checkpoint: Path, model: nn.Module, *, verify: bool = True) -> None:
+    """Load a checkpoint's weights into `model` (plain or FSDP-sharded), or raise UserError.
+    `verify` checks their checksums first (the trainer has checked them already)."""
+    checkpoint = Path(checkpoint)
+    if verify:
+        verify_checkpoint(checkpoint, "model")
     try:
         if (checkpoint / "model").is_dir():
             # Room for every expert, however this model splits them: the shards hold them all.
@@ -149,20 +255,17 @@ def load_weights(checkpoint: Path, model: nn.Module) -> None:
         else:
             weights = load_file(checkpoint / "model.safetensors")
             options = StateDictOptions(full_state_dict=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as error:
-        raise _corrupt(checkpoint, error) from None
-    try:
         set_model_state_dict(model, local_experts(model, weights), options=options)
-    except (RuntimeError, KeyError, ValueError) as error:
-        first = " ".join(str(error).strip().splitlines()[:2])
-        raise UserError(f"checkpoint {checkpoint} does not fit this model's config: "
-                        f"{first}") from None
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as error:
+        raise _load_failed(checkpoint, error) from None
 
 
-def load_training_state(checkpoint: Path, model: nn.Module,
-                        optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        *, verify: bool = True) -> dict[str, Any]:
     """Restore the optimiser and return the trainer state saved with a checkpoint."""
     checkpoint = Path(checkpoint)
+    if verify:
+        verify_checkpoint(checkpoint, "state")
     try:
         if (checkpoint / "optimizer").is_dir():
             state = get_optimizer_state_dict(model, optimizer)  # as for the weights above
@@ -179,4 +282,4 @@ def load_training_state(checkpoint: Path, model: nn.Module,
             set_optimizer_state_dict(model, optimizer, state, options=options)
         return torch.load(checkpoint / "trainer.pt", weights_only=True)
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:
-        raise _corrupt(checkpoint, error) from None
+        raise _load_failed(checkpoint, error) from None

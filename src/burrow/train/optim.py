@@ -32,13 +32,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimiser step `step` (0-based).
 
-    Warmup: linear from warmup_init_lr (Gopher: 1e-7) to lr over warmup_steps. Then
-    cosine: half a cosine from lr down to min_lr_ratio * lr at max_steps (Gopher: 10%);
-    constant: lr; wsd: lr until the last decay_fraction of the steps, then linear to the floor;
-    rsqrt: lr * sqrt(warmup_steps / step), not below the floor. rsqrt is T5's inverse square
-    root (Raffel et al. 2020, §3.1.2), the pre-training schedule of the T5 code base Switch
-    Transformer is built on; it does not depend on max_steps, so runs of different lengths
-    follow the same rate step by step and a curve can be read at any step.
+    Warmup: linear from warmup_init_lr (Gopher: 1e-7) to lr over warmup_steps. Then, over the
+    schedule's length (schedule_steps, or max_steps when 0; the floor after it),
+    cosine: half a cosine from lr down to min_lr_ratio * lr at the end (Gopher: 10%);
+    constant: lr; wsd: lr until the last decay_steps (or decay_fraction of the steps), then
+    linear to the floor; rsqrt: lr * sqrt(warmup_steps / step), not below the floor. rsqrt is
+    T5's inverse square root (Raffel et al. 2020, §3.1.2), the pre-training schedule of the T5
+    code base Switch Transformer is built on; it does not depend on max_steps, so runs of
+    different lengths follow the same rate step by step and a curve can be read at any step.
     """
     if step < cfg.warmup_steps:
         return cfg.warmup_init_lr + (cfg.lr - cfg.warmup_init_lr) * step / cfg.warmup_steps
@@ -47,11 +48,43 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
         return cfg.lr
     if cfg.schedule == "rsqrt":
         return max(floor, cfg.lr * math.sqrt(max(1, cfg.warmup_steps) / max(1, step)))
+    end = schedule_length(cfg)
     if cfg.schedule == "wsd":
-        decay_start = max(cfg.warmup_steps, round(cfg.max_steps * (1 - cfg.decay_fraction)))
+        decay = cfg.decay_steps or round(end * cfg.decay_fraction)
+        decay_start = max(cfg.warmup_steps, end - decay)
         if step < decay_start:
             return cfg.lr
-        progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        progress = (step - decay_start) / max(1, end - decay_start)
         return cfg.lr + (floor - cfg.lr) * min(1.0, progress)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps))
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def schedule_length(cfg: TrainConfig) -> int:
+    """The steps the cosine and wsd schedules span: schedule_steps, or else max_steps."""
+    return cfg.schedule_steps or cfg.max_steps
+
+
+SCHEDULE_FIELDS = ("lr", "schedule", "warmup_steps", "warmup_init_lr", "min_lr_ratio",
+                   "decay_fraction", "decay_steps", "schedule_steps", "max_steps")
+
+
+def schedule_change(before: TrainConfig, after: TrainConfig, step: int) -> str | None:
+    """One line on what resuming at `step` with `after` instead of `before` does to the
+    learning rate, or None when no field of the schedule changed."""
+    changed = [name for name in SCHEDULE_FIELDS if getattr(before, name) != getattr(after, name)]
+    if not changed:
+        return None
+    old, new = learning_rate(step, before), learning_rate(step, after)
+    rate = (f"the rate at step {step} goes from {old:.2e} to {new:.2e}" if old != new
+            else f"the rate at step {step} stays {new:.2e}")
+    if changed == ["max_steps"]:
+        what = f"--max-steps {after.max_steps} (was {before.max_steps})"
+        if after.schedule in ("constant", "rsqrt") or after.schedule_steps:
+            return f"note: {what}: the {after.schedule} schedule does not depend on it; {rate}"
+        return (f"note: {what}: the {after.schedule} schedule is recomputed over "
+                f"{after.max_steps} steps; {rate} (--schedule-steps {before.max_steps} keeps "
+                "the old schedule)")
+    what = ", ".join(f"train.{name} {getattr(before, name)} -> {getattr(after, name)}"
+                     for name in changed)
+    return f"note: {what}: {rate}"

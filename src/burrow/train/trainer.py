@@ -4,18 +4,19 @@
 data.json (where the prepared data lives), metrics.jsonl, loss.png, samples.txt and
 checkpoints/step_N/. Stopping (Ctrl-C, SIGTERM, a crash) and resuming with `resume=True` gives
 the same losses as not stopping: the loader position, optimiser and RNG states are saved.
+One run writes a run directory at a time (train/lock.py), and a resume writes nothing until it
+has checked that it can go on (train/rundir.py).
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import math
-import shutil
 import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from burrow.config import RunConfig
 from burrow.data import BatchLoader, TokenDataset, Tokenizer, prepare_data
 from burrow.errors import UserError
 from burrow.eval.evaluate import compressor_bits_per_byte, evaluate, split_text
+from burrow.files import write_text
 from burrow.flops import flops_per_token
 from burrow.infer import generate
 from burrow.model import ModelOutput, Transformer
@@ -38,13 +40,13 @@ from burrow.parallel import (
     shutdown,
 )
 from burrow.train.checkpoint import (
-    latest_checkpoint,
     list_checkpoints,
     load_training_state,
     load_weights,
     save_checkpoint,
 )
 from burrow.train.hardware import autocast_for, device_peak_flops
+from burrow.train.lock import job_lock, on_rank_zero
 from burrow.train.metrics import (
     AuxMeter,
     MetricsLog,
@@ -54,6 +56,12 @@ from burrow.train.metrics import (
     progress_line,
 )
 from burrow.train.optim import build_optimizer, learning_rate
+from burrow.train.rundir import (
+    check_resume,
+    check_tokenizer,
+    checkpoint_to_continue,
+    write_run_files,
+)
 from burrow.train.spikes import SpikeDetector, rollback_target
 
 SAMPLE_PROMPT = "def "
@@ -94,30 +102,22 @@ class Trainer:
         if self.runtime.is_main:
             self.metrics.write(row)
 
-    # -- setup -------------------------------------------------------------------------------
+    # -- setup: checks and loads; writes nothing in the run directory ---------------------------
 
     def setup(self) -> None:
         cfg = self.cfg
-        checkpoint = latest_checkpoint(self.run_dir)
-        if self.resume and checkpoint is None:
-            raise UserError(f"--resume: no checkpoint in {self.run_dir}; start without --resume")
-        if not self.resume and checkpoint is not None:
-            raise UserError(f"{self.run_dir} already holds checkpoints; pass --resume to "
-                            "continue that run, or choose another --out")
+        checkpoint = checkpoint_to_continue(self.run_dir, self.resume)
+        self.notes: list[str] = []
+        if checkpoint is not None:
+            self.notes = on_rank_zero(self.runtime, lambda: check_resume(
+                checkpoint, self.run_dir, cfg, self.dims)) or []
         if self.runtime.is_main:  # one process tokenizes; the others then find it prepared
             prepare_data(cfg, progress=self.verbose, run_dir=self.run_dir)
         self.runtime.barrier()
         prepared = prepare_data(cfg, progress=False, run_dir=self.run_dir)
         self.tokenizer = Tokenizer.load(prepared)
-        if self.tokenizer.vocab_size != cfg.model.vocab_size:
-            raise UserError(f"the data's tokenizer has {self.tokenizer.vocab_size} tokens but "
-                            f"model.vocab_size is {cfg.model.vocab_size}; pass --set "
-                            f"model.vocab_size={self.tokenizer.vocab_size}")
-        saved_tokenizer = self.run_dir / "tokenizer.model"
-        if (self.resume and not self.allow_data_change and saved_tokenizer.is_file()
-                and Tokenizer.load(saved_tokenizer).fingerprint != self.tokenizer.fingerprint):
-            raise UserError(f"{self.run_dir} was trained on other data (its tokenizer differs "
-                            "from this data's); pass --allow-data-change to continue anyway")
+        check_tokenizer(self.run_dir, self.tokenizer, cfg,
+                        same_data=self.resume and not self.allow_data_change)
         self.train_data = TokenDataset(prepared, "train")
         self.val_data = TokenDataset(prepared, "val")
         if self.val_data.num_tokens < 2:
@@ -128,8 +128,7 @@ class Trainer:
             limit = (cfg.train.eval_tokens + 1) if cfg.train.eval_tokens else None
             text = split_text(self.val_data, self.tokenizer, max_tokens=limit)
             self.eval_bytes, self.yardstick = len(text), compressor_bits_per_byte(text)
-        if self.runtime.is_main:
-            self._write_run_files(prepared)
+        self.prepared = prepared
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
@@ -148,10 +147,8 @@ class Trainer:
         dtype = torch.bfloat16 if self.autocast is not None else torch.float32
         # Tokens/s counts all ranks, so the peak is one device's times the number of devices.
         self.peak_flops = device_peak_flops(self.device, dtype) * self.runtime.world_size
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        elif self.runtime.is_main:
-            self.metrics.path.unlink(missing_ok=True)
+        if checkpoint is not None:  # checked by rank 0 above
+            self._restore(checkpoint, verify=False)
         active_params = cfg.model.num_params(active=True)
         active = (f", {active_params:,} active per token"
                   if active_params != cfg.model.num_params() else "")
@@ -169,18 +166,21 @@ class Trainer:
         experts = f", experts split over {self.dims.ep} ranks" if self.dims.ep > 1 else ""
         return f"{self.runtime.world_size} x {self.device.type} ({self.dims.mode}{experts})"
 
-    def _write_run_files(self, prepared: Path) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(self.run_dir / "config.yaml")
-        self.dims.save(self.run_dir / "parallel.json")
-        shutil.copyfile(Path(prepared) / "tokenizer.model", self.run_dir / "tokenizer.model")
-        (self.run_dir / "data.json").write_text(json.dumps(
-            {"prepared": str(Path(prepared).resolve()),
-             "fingerprint": self.train_data.fingerprint}, indent=1) + "\n")
+    def commit(self) -> None:
+        """The run goes on: write its files (rank 0) and say what the resume changed."""
+        if self.runtime.is_main:
+            write_run_files(self.run_dir, self.cfg, self.dims, self.prepared,
+                            self.train_data.fingerprint)
+            if self.resume:  # rows logged after the checkpoint: work that is done again
+                self.metrics.truncate_after(self.step)
+            else:
+                self.metrics.path.unlink(missing_ok=True)
+        for note in self.notes:
+            self.log(note)
 
-    def _restore(self, checkpoint: Path, truncate_metrics: bool = True) -> None:
-        load_weights(checkpoint, self.model)
-        state = load_training_state(checkpoint, self.model, self.optimizer)
+    def _restore(self, checkpoint: Path, verify: bool = True) -> None:
+        load_weights(checkpoint, self.model, verify=verify)
+        state = load_training_state(checkpoint, self.model, self.optimizer, verify=verify)
         if "loader" in state:  # an imported model's checkpoint starts the loader and RNG fresh
             self.loader.load_state_dict(state["loader"], allow_data_change=self.allow_data_change)
             torch.set_rng_state(state["rng"]["torch"])
@@ -189,8 +189,6 @@ class Trainer:
         self.step = state["step"]
         self.spikes = SpikeDetector(self.cfg.train.spike_factor, self.cfg.train.spike_window,
                                     state.get("spike_history"))
-        if self.runtime.is_main and truncate_metrics:
-            self.metrics.truncate_after(self.step)
         self.log(f"resumed from {checkpoint} at step {self.step}")
 
     # -- the loop ----------------------------------------------------------------------------
@@ -235,30 +233,33 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to max_steps (or until a signal), evaluating and checkpointing on the way."""
-        self.setup()
-        tcfg = self.cfg.train
-        if self.step >= tcfg.max_steps:
-            self.log(f"already at step {self.step} of {tcfg.max_steps}; raise --max-steps "
-                     "to train further")
-            return self.summary()
-        previous = {sig: signal.signal(sig, self._on_signal)
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            self._loop()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if self.stop_signal is not None:
+        if not self.run_dir.is_dir():  # a resume stops here, before making the directory
+            checkpoint_to_continue(self.run_dir, self.resume)
+        with job_lock(self.run_dir, self.runtime, self.log):
+            self.setup()
+            if self.step >= self.cfg.train.max_steps:
+                self.log(f"already at step {self.step} of {self.cfg.train.max_steps}; raise "
+                         "--max-steps to train further")
+                return self.summary()
+            self.commit()
+            previous = {sig: signal.signal(sig, self._on_signal)
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                self._loop()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            if self.stop_signal is not None:
+                self.save()
+                name = signal.Signals(self.stop_signal).name
+                self.log(f"stopped by {name} at step {self.step}: checkpoint saved in "
+                         f"{self.run_dir}; continue with --resume")
+                return self.summary()
+            self.evaluate()
+            self.plot()
             self.save()
-            name = signal.Signals(self.stop_signal).name
-            self.log(f"stopped by {name} at step {self.step}: checkpoint saved in "
-                     f"{self.run_dir}; continue with --resume")
+            self.write_sample()
             return self.summary()
-        self.evaluate()
-        self.plot()
-        self.save()
-        self.write_sample()
-        return self.summary()
 
     def _loop(self) -> None:
         tcfg = self.cfg.train
@@ -322,7 +323,7 @@ class Trainer:
                      "is no checkpoint to roll back to; going on")
             self.record(event)
             return
-        self._restore(target, truncate_metrics=False)
+        self._restore(target)
         self.loader.skip_batches(tcfg.spike_skip * self.accumulation)
         event.update(rolled_back_to=self.step, skipped_batches=tcfg.spike_skip)
         self.record(event)
@@ -377,7 +378,9 @@ class Trainer:
             state["rng"]["cuda"] = torch.cuda.get_rng_state()
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                keep=self.cfg.train.keep_checkpoints,
-                               sharded=self.dims.mode == "fsdp", runtime=self.runtime)
+                               sharded=self.dims.mode == "fsdp", runtime=self.runtime,
+                               record={"config": self.cfg.to_dict(),
+                                       "parallel": asdict(self.dims)})
 
     def plot(self) -> None:
         if not self.runtime.is_main:
@@ -394,8 +397,10 @@ class Trainer:
         text = self.tokenizer.decode(out[0].tolist())
         if not self.runtime.is_main:
             return text
-        with (self.run_dir / "samples.txt").open("a") as handle:
-            handle.write(f"--- step {self.step}, temperature 0.8, top-k 50, seed 0 ---\n{text}\n")
+        path = self.run_dir / "samples.txt"
+        earlier = path.read_text() if path.is_file() else ""
+        write_text(path, f"{earlier}--- step {self.step}, temperature 0.8, top-k 50, seed 0 "
+                         f"---\n{text}\n")
         return text
 
     def release(self) -> None:
