@@ -125,15 +125,57 @@ def test_interrupt_saves_and_resume_finishes(tmp_path):
     (["eval", "{tmp}"], ["not a run directory"]),
     (["generate", "{tmp}/nowhere", "--prompt", "x"], ["not a run directory"]),
     (["generate", "{tmp}/nowhere", "--num-samples", "0"], ["--num-samples"]),
-    (["train", "--max-stepz", "3"], ["--max-stepz"]),
+    (["train", "--max-stepz", "3"], ["--max-stepz", "(see burrow train --help)"]),
+    (["generate", "{tmp}/r", "--max-new-tokens", "-5"], ["--max-new-tokens", "positive"]),
+    (["eval", "{tmp}/r", "--batch-size", "0"], ["--batch-size", "positive"]),
+    (["train", "--config", "{tmp}"], ["is a directory"]),
+    (["train", "--config", "{tmp}/bad.yaml"], ["not valid YAML", "line 3, column 6"]),
+    (["train", "--out", "{tmp}/empty.txt/r"], ["{tmp}/empty.txt is not a directory"]),
+    (["train", "--data", "/dev/null", "--out", "{tmp}/r"], ["exists but is a character device"]),
+    (["train", "--out", "{tmp}/truncated", "--resume"], ["lacks the section(s) train, data"]),
+    (["eval", "{tmp}/truncated"], ["lacks the section(s) train, data"]),
+    (["train", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/r"], ["no string field 'text'",
+                                                                 "--text-field"]),
+    (["plan", "--law", "{tmp}/missing.json", "--flops", "1e21"], ["missing.json does not exist"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "binary").mkdir()
     (tmp_path / "binary" / "blob.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
+    (tmp_path / "bad.yaml").write_text("model:\n  d_model: [1, 2\ntrain: {}\n")
+    (tmp_path / "d.jsonl").write_text('{"body": "some text"}\n' * 50)
+    (tmp_path / "truncated").mkdir()  # a run whose config.yaml lost all but its first section
+    (tmp_path / "truncated" / "config.yaml").write_text("model:\n  d_model: 64\n")
     result = run(*[arg.replace("{tmp}", str(tmp_path)) for arg in args])
     assert_user_error(result, *[word.replace("{tmp}", str(tmp_path)) for word in words])
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_an_unusable_cache_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    env = {**os.environ, "BURROW_CACHE": str(tmp_path / "file")}
+    result = subprocess.run(burrow_command("train", "--out", str(tmp_path / "r")),
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert_user_error(result, f"data cache (BURROW_CACHE) {tmp_path / 'file'} is not a "
+                      "directory", "point BURROW_CACHE at a writable directory")
+    assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_in_data_prepare_is_one_line_from_the_parent(tmp_path):
+    """Ctrl-C reaches the whole process group; the workers leave it to the parent."""
+    env = {**os.environ, "BURROW_CACHE": str(tmp_path)}
+    process = subprocess.Popen(burrow_command("data", "prepare", "--data", "stdlib",
+                                              "--vocab-size", "512", "--json"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("prepared-*.tmp-*/train-*.bin*")):
+        time.sleep(0.05)  # until tokenizing has begun in the workers
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stdout == ""
+    assert stderr.strip().splitlines() == ["burrow: interrupted"], stderr
+    assert list(tmp_path.iterdir()) == []  # nothing half-prepared is left
 
 
 def test_prompt_longer_than_context(trained_run):

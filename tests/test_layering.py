@@ -19,6 +19,10 @@ FORBIDDEN = {
     "presets": {"model", "data", "train", "parallel", "infer", "eval", "interop", "scaling"},
     "blocks": {"model", "data", "train", "parallel", "infer", "eval", "interop", "scaling"},
     "flops": {"model", "data", "train", "parallel", "infer", "eval", "interop", "scaling"},
+    # what the command line and every layer use to speak to users: the lowest layer
+    **dict.fromkeys(("units", "paths", "flags"), frozenset(
+        {"model", "data", "train", "parallel", "infer", "eval", "interop", "scaling", "commands",
+         "cli", "run"})),
     "infer": {"data", "train", "parallel", "eval", "interop", "scaling"},
 }
 # Modules that must not import torch.distributed (nor check for its tensors)
@@ -94,6 +98,7 @@ def test_model_and_config_know_nothing_of_torch_distributed():
     "import burrow",
     "import burrow.presets, burrow.config, burrow.flops, burrow.blocks",
     "from burrow.cli import build_parser; build_parser()",
+    "import burrow.scaling, burrow.scaling.plan, burrow.scaling.commands, burrow.commands",
 ])
 def test_light_imports_load_neither_the_trainer_nor_torch_distributed(statement):
     """What `burrow presets` and `burrow --help` need is arithmetic: no trainer, no torch."""
@@ -103,3 +108,27 @@ def test_light_imports_load_neither_the_trainer_nor_torch_distributed(statement)
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert loaded == ""
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.mark.parametrize("argv, heavy", [
+    (["--help"], ("torch", "burrow.train", "numpy", "matplotlib")),
+    (["presets"], ("torch", "burrow.train", "numpy", "matplotlib")),
+    (["plan", "--flops", "1e21"], ("torch", "burrow.train", "numpy", "matplotlib")),
+    (["plan", "--flops", "1e21", "--law", "kaplan", "--json"], ("torch", "burrow.train")),
+    (["fit", str(DATA / "chinchilla" / "svg_extracted_data.csv"), "--bootstrap", "0",
+      "--out", "{tmp}"], ("torch", "burrow.train")),
+])
+def test_arithmetic_verbs_start_without_torch(argv, heavy, tmp_path):
+    """`burrow --help`, `presets`, `plan` and `fit` start at once: each verb imports what it
+    needs when it runs, and these need no torch (nor numpy and matplotlib, but to fit)."""
+    code = ("import sys\nfrom burrow.cli import main\ntry:\n    status = main(sys.argv[1:])\n"
+            "except SystemExit as stop:\n    status = stop.code\n"
+            f"loaded = [m for m in {heavy!r} if m in sys.modules]\n"
+            "print(status, ','.join(loaded), file=sys.stderr)")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                            check=True, timeout=120)
+    assert result.stderr.strip().splitlines()[-1] == "0", result.stderr

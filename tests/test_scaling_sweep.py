@@ -129,9 +129,9 @@ EPOCH_CSV = CORPUS.parent / "chinchilla" / "svg_extracted_data.csv"
 
 def test_fit_reads_epochs_copy_of_chinchilla_as_it_is(tmp_path):
     table = tmp_path / "runs.csv"
-    shutil.copyfile(EPOCH_CSV, table)  # default --out: beside the table
+    shutil.copyfile(EPOCH_CSV, table)
     result = subprocess.run(burrow_command("fit", str(table), "--drop-highest", "5",
-                                           "--bootstrap", "8", "--json"),
+                                           "--bootstrap", "8", "--json", "--out", str(tmp_path)),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)["report"]

@@ -1,21 +1,46 @@
-"""The `burrow` command: parse arguments, call one function, print. No logic lives here."""
+"""The `burrow` command: parse arguments, call one function, print. No logic lives here.
+
+It starts at once: the verbs that do arithmetic (presets, plan, fit, --help) import neither torch
+nor matplotlib; each verb imports what it needs when it runs. Every numeric flag is checked with
+its range as it is parsed, and every mistake a user can make, a file-system error, or Ctrl-C ends
+in one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from burrow.config import TrainConfig, field_docs
 from burrow.errors import UserError
+from burrow.flags import (
+    COUNT,
+    FRACTION,
+    HELD_OUT,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    ConfigField,
+    Number,
+)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr and exit status 2."""
+    """argparse, but a usage mistake is one line on stderr naming the verb's help, exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"burrow: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"burrow: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """A verb reports the arguments it does not know itself, so that the error names its
+        help (`burrow train --help`) rather than the top level's."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _flag(name: str) -> str:
@@ -23,18 +48,26 @@ def _flag(name: str) -> str:
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field becomes a flag of the same name (--max-steps, --lr, ...)."""
+    """Every TrainConfig field becomes a flag of the same name (--max-steps, --lr, ...), checked
+    as it is parsed by TrainConfig's own validation."""
     group = parser.add_argument_group("training (TrainConfig fields; any field of any section "
                                       "also with --set)")
     docs = field_docs(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
-        kind = {"int": int, "float": float, "bool": str}.get(str(field.type), str)
+        kind = ConfigField(TrainConfig, field.name, "train")
         help_text = f"{docs.get(field.name, '')} (default {field.default})".replace("%", "%%")
-        metavar = "BOOL" if field.type == "bool" else field.name.upper()
+        boolean = kind.kind is bool
         group.add_argument(_flag(field.name), dest=f"train_{field.name}", type=kind,
-                           nargs="?" if field.type == "bool" else None,
-                           const="true" if field.type == "bool" else None,
-                           default=None, metavar=metavar, help=help_text)
+                           nargs="?" if boolean else None, const="true" if boolean else None,
+                           default=None, metavar="BOOL" if boolean else field.name.upper(),
+                           help=help_text)
+
+
+def _add_text_field(parser: argparse.ArgumentParser, default: str | None = "text",
+                    otherwise: str = "") -> None:
+    """--text-field wherever --data is: the .jsonl field read (data.text_field)."""
+    parser.add_argument("--text-field", default=default, help="field holding the text in .jsonl "
+                        f"records (data.text_field); default {otherwise or default}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model into a run directory")
     train.add_argument("--preset", help="model preset (see `burrow presets`); default nano")
-    train.add_argument("--config", help="YAML run config (sections model, train, data)")
+    train.add_argument("--config", help="YAML run config (sections model, train, data; the "
+                       "ones left out take their defaults)")
     train.add_argument("--data", help="stdlib, a text file, a directory, a .jsonl file, or a "
                        "prepared directory; default stdlib")
+    _add_text_field(train, None, "the config's, else text")
     train.add_argument("--out", help="run directory; default runs/PRESET")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set model.d_model=384")
@@ -60,27 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", help="run directory")
     evaluate.add_argument("--data", help="evaluate on all of this source instead of the run's "
                           "held-out split")
-    evaluate.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    _add_text_field(evaluate, None, "the run's")
+    evaluate.add_argument("--max-tokens", type=POSITIVE_INT, help="evaluate at most this many "
+                          "tokens")
+    evaluate.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model")
     generate.add_argument("run", help="run directory")
     generate.add_argument("--prompt", default="", help="text to continue")
-    generate.add_argument("--max-new-tokens", type=int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--num-samples", type=int, default=1,
+    generate.add_argument("--max-new-tokens", type=POSITIVE_INT, default=200)
+    generate.add_argument("--temperature", type=NON_NEGATIVE, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=POSITIVE_INT, default=None)
+    generate.add_argument("--top-p", type=FRACTION, default=None)
+    generate.add_argument("--seed", type=COUNT, default=0)
+    generate.add_argument("--num-samples", type=POSITIVE_INT, default=1,
                           help="continuations of the prompt, generated together as one batch")
     generate.add_argument("--device", default="auto")
     generate.add_argument("--compile", action="store_true", help="torch.compile the one-token "
                           "decode step: a compilation first, then faster tokens")
 
     presets = commands.add_parser("presets", help="the papers' models with parameter counts")
-    presets.add_argument("--seq-len", type=int, default=None,
+    presets.add_argument("--seq-len", type=POSITIVE_INT, default=None,
                          help="sequence length for FLOPs per token; default each model's context")
     presets.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -112,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     import_hf.add_argument("out", help="new run directory")
     _add_distill_command(commands)
     _add_scaling_commands(commands)
+    for verbs in (commands, data_commands, tokenizer_commands):  # named in "required" errors
+        verbs.metavar = "{" + ",".join(verbs.choices) + "}"
     return parser
 
 
@@ -124,10 +163,11 @@ def _add_distill_command(commands: argparse._SubParsersAction) -> None:
     distill.add_argument("--out", required=True, help="run directory of the student")
     distill.add_argument("--baseline", help="a dense run of the student's shape trained as long "
                          "without a teacher: report the share of the teacher's gain kept")
-    distill.add_argument("--label-weight", type=float, help="weight of the cross-entropy "
+    distill.add_argument("--label-weight", type=NON_NEGATIVE, help="weight of the cross-entropy "
                          "against the data's tokens (Switch Table 6: 0.75)")
-    distill.add_argument("--teacher-weight", type=float, help="weight of the cross-entropy "
-                         "against the teacher's probabilities (Switch Table 6: 0.25)")
+    distill.add_argument("--teacher-weight", type=NON_NEGATIVE, help="weight of the "
+                         "cross-entropy against the teacher's probabilities (Switch Table 6: "
+                         "0.25)")
     distill.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                          help="override any config field, e.g. --set model.d_ff=512")
     distill.add_argument("--resume", action="store_true",
@@ -141,46 +181,48 @@ def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
     plan = commands.add_parser("plan", help="Chinchilla: model size, tokens, loss, architecture "
                                "and time for a compute budget")
     budget = plan.add_argument_group("budget (one of)")
-    budget.add_argument("--flops", type=float, help="training FLOPs C = 6ND, e.g. 5.76e23")
-    budget.add_argument("--gpu-hours", type=float, help="device-hours on --device at --mfu")
+    budget.add_argument("--flops", type=POSITIVE, help="training FLOPs C = 6ND, e.g. 5.76e23")
+    budget.add_argument("--gpu-hours", type=POSITIVE, help="device-hours on --device at --mfu")
     budget.add_argument("--preset", help="a preset trained on --tokens: how far from optimal")
-    budget.add_argument("--tokens", type=float, help="tokens the --preset is trained on")
+    budget.add_argument("--tokens", type=POSITIVE, help="tokens the --preset is trained on")
     plan.add_argument("--law", default="chinchilla", help="a built-in law (chinchilla = "
                       "approach 3, chinchilla-1, chinchilla-2, epoch, kaplan) or a law.json "
                       "written by `burrow fit`; default chinchilla")
     plan.add_argument("--device", help="accelerator for the time estimate: h100, a100, "
                       "tpu v4, ... (see burrow.train.hardware.PEAK_FLOPS)")
-    plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed "
+    plan.add_argument("--mfu", type=FRACTION, default=0.4, help="model FLOPs utilization assumed "
                       "(PaLM: 0.462); default 0.4")
     plan.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "tf32", "fp32"))
-    plan.add_argument("--num-devices", type=int, default=1, help="devices training together, "
-                      "for the wall clock; default 1")
+    plan.add_argument("--num-devices", type=POSITIVE_INT, default=1, help="devices training "
+                      "together, for the wall clock; default 1")
     plan.add_argument("--arch", default="llama", choices=("llama", "chinchilla"),
                       help="architecture family of the suggested model; default llama")
-    plan.add_argument("--vocab-size", type=int, default=32_000,
+    plan.add_argument("--vocab-size", type=POSITIVE_INT, default=32_000,
                       help="vocabulary of the suggested model (Chinchilla: 32,000)")
     plan.add_argument("--emit-config", metavar="PATH", help="write a run config (YAML) that "
                       "trains the suggested model on its tokens: burrow train --config PATH")
     plan.add_argument("--data", default="stdlib", help="data source written into --emit-config")
+    _add_text_field(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
 
     sweep = commands.add_parser("sweep", help="train IsoFLOP families of models (Chinchilla "
                                 "approach 2) and tabulate their losses")
     sweep.add_argument("--budgets", help="comma-separated FLOPs budgets C = 6ND; default "
                        "1e12,3e12,1e13")
-    sweep.add_argument("--sizes", type=int, help="model sizes per budget (>= 3); default 5")
-    sweep.add_argument("--span", type=float,
+    sweep.add_argument("--sizes", type=Number(int, low=3, why="an IsoFLOP parabola needs three "
+                                              "points"), help="model sizes per budget; default 5")
+    sweep.add_argument("--span", type=Number(float, low=1, low_open=True),
                        help="sizes run from N_opt/SPAN to N_opt*SPAN; default 3")
     sweep.add_argument("--law", default="chinchilla", help="law whose N_opt centres the sizes")
     sweep.add_argument("--arch", default="llama", choices=("llama", "chinchilla"))
     sweep.add_argument("--out", default="sweeps/s1", help="sweep directory; default sweeps/s1")
-    sweep.add_argument("--seq-len", type=int, default=256)
-    sweep.add_argument("--batch-tokens", type=int, default=1024,
+    sweep.add_argument("--seq-len", type=POSITIVE_INT, default=256)
+    sweep.add_argument("--batch-tokens", type=POSITIVE_INT, default=1024,
                        help="tokens per step; default 1024 (4 sequences: more steps for tiny runs)")
-    sweep.add_argument("--lr", type=float, default=3e-3)
-    sweep.add_argument("--eval-tokens", type=int, default=65536,
+    sweep.add_argument("--lr", type=POSITIVE, default=3e-3)
+    sweep.add_argument("--eval-tokens", type=POSITIVE_INT, default=65536,
                        help="held-out tokens the final loss is measured on")
-    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--seed", type=COUNT, default=0)
     sweep.add_argument("--device", default="auto")
     sweep.add_argument("--force", action="store_true",
                        help="replace a different sweep already in --out")
@@ -188,72 +230,91 @@ def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
                        help="print the runs and the time estimate, train nothing")
     sweep.add_argument("--json", action="store_true", help="progress to stderr; print one JSON "
                        "object (the results and the fit) on stdout")
-    _add_data_flags(sweep, vocab_size=None)
+    _add_data_flags(sweep, vocab_size=None, held_out=Number(float, low=0, high=1, low_open=True,
+                                                             high_open=True))
 
     fit = commands.add_parser("fit", help="fit Chinchilla's three approaches to a sweep or a "
                               "table of runs (N, D or C, loss)")
     fit.add_argument("path", help="a sweep directory, or a CSV / JSON Lines file of runs")
     fit.add_argument("--columns", help="name the columns, e.g. N='Model Size',C='Training FLOP'"
                      ",loss=loss (default: found by name)")
-    fit.add_argument("--drop-highest", type=int, default=0, metavar="K",
+    fit.add_argument("--drop-highest", type=COUNT, default=0, metavar="K",
                      help="leave out the K runs with the highest loss (Epoch AI: 5)")
-    fit.add_argument("--bootstrap", type=int, default=200,
+    fit.add_argument("--bootstrap", type=COUNT, default=200,
                      help="resamples for approach 3's intervals; 0 = none; default 200")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=COUNT, default=0)
     fit.add_argument("--name", default="fitted", help="name of the fitted law in law.json")
     fit.add_argument("--out", help="directory for fit.json, law.json and the figures; default "
-                     "the sweep directory, or the table's directory")
+                     "the sweep directory itself, or fits/NAME for a table NAME.csv (never the "
+                     "table's own folder)")
     fit.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _add_data_flags(parser: argparse.ArgumentParser, vocab_size: int | None = 4096) -> None:
+def _add_data_flags(parser: argparse.ArgumentParser, vocab_size: int | None = 4096,
+                    held_out: Number = HELD_OUT) -> None:
     parser.add_argument("--data", default="stdlib", help="stdlib, a file, a directory or .jsonl")
     default = vocab_size or "512: at 4096 a tiny model is mostly its embedding"
-    parser.add_argument("--vocab-size", type=int, default=vocab_size, help=f"default {default}")
-    parser.add_argument("--val-fraction", type=float, default=0.02)
-    parser.add_argument("--text-field", default="text", help="field of .jsonl records")
+    parser.add_argument("--vocab-size", type=POSITIVE_INT, default=vocab_size,
+                        help=f"default {default}")
+    parser.add_argument("--val-fraction", type=held_out, default=0.02,
+                        help="share of the documents held out; default 0.02")
+    _add_text_field(parser)
     parser.add_argument("--tokenizer-type", default="bpe", choices=("bpe", "unigram"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one verb; its result goes to stdout, a mistake to stderr as one line (status 2)."""
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as stop:  # --help, or a usage mistake argparse has already reported
+            return int(stop.code or 0)
         return _dispatch(args)
     except UserError as error:
-        print(f"burrow: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(str(error))
     except KeyboardInterrupt:
         print("burrow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`burrow presets | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as error:  # a file-system problem no check foresaw
+        from burrow.paths import os_error_message
+
+        return _fail(os_error_message(error))
+
+
+def _fail(message: str) -> int:
+    one_line = " ".join(part.strip() for part in message.splitlines())
+    print(f"burrow: error: {one_line}", file=sys.stderr)
+    return 2
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from burrow import commands
-    from burrow.scaling import commands as scaling
+    if args.command in ("plan", "sweep", "fit"):
+        from burrow.scaling import commands as verbs
+    else:
+        from burrow import commands as verbs
 
-    if args.command == "train":
-        return commands.train_command(args)
-    if args.command == "distill":
-        return commands.distill_command(args)
-    if args.command == "sweep":
-        return scaling.sweep_command(args)
+    if args.command in ("train", "distill", "sweep"):
+        return getattr(verbs, f"{args.command}_command")(args)
     reports = {  # verbs that print a result, as text or (--json) one JSON object
-        "eval": (commands.eval_command, commands.format_eval),
-        "presets": (commands.presets_command, commands.format_presets),
-        "data": (commands.prepare_command, commands.format_prepare),
-        "plan": (scaling.plan_command, scaling.format_plan),
-        "fit": (scaling.fit_command, scaling.format_fit),
+        "eval": ("eval_command", "format_eval"),
+        "presets": ("presets_command", "format_presets"),
+        "data": ("prepare_command", "format_prepare"),
+        "plan": ("plan_command", "format_plan"),
+        "fit": ("fit_command", "format_fit"),
     }
     if args.command in reports:
-        run, formatter = reports[args.command]
+        run, formatter = (getattr(verbs, name) for name in reports[args.command])
         result = run(args)
         print(json.dumps(result) if args.json else formatter(result))
         return 0
     messages = {  # verbs that print one text
-        "generate": commands.generate_command,
-        "tokenizer": commands.tokenizer_command,
-        "export-hf": commands.export_hf_command,
-        "import-hf": commands.import_hf_command,
+        "generate": verbs.generate_command,
+        "tokenizer": verbs.tokenizer_command,
+        "export-hf": verbs.export_hf_command,
+        "import-hf": verbs.import_hf_command,
     }
     print(messages[args.command](args))
     return 0

@@ -1,4 +1,9 @@
-"""What each CLI verb does, as plain functions that take parsed arguments and return results."""
+"""What each CLI verb does, as plain functions that take parsed arguments and return results.
+
+Each imports what it needs when it runs (torch, the trainer, the data pipeline), so that the
+verbs that only do arithmetic start at once. Places a verb will write are checked before its
+long work starts.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,27 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from burrow import presets
 from burrow.config import RunConfig, TrainConfig, override_dict
 from burrow.errors import UserError
+from burrow.paths import check_writable_dir
+
+if TYPE_CHECKING:
+    import torch
+
+
+def run_dir_of(args: argparse.Namespace) -> Path:
+    """The run directory `burrow train` writes: --out, or runs/PRESET."""
+    return Path(args.out) if args.out else Path("runs") / (args.preset or "nano")
 
 
 def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """The run config that `burrow train` flags describe, and the run directory."""
-    from burrow.data import resolve_source
+    from burrow.data.sources import resolve_source
 
-    out = Path(args.out) if args.out else Path("runs") / (args.preset or "nano")
+    out = run_dir_of(args)
     saved = out / "config.yaml"
     if args.resume and saved.is_file():
         cfg = RunConfig.load(saved)
@@ -29,7 +41,7 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
             raise UserError(f"{out} was trained with preset {cfg.preset}, not {args.preset}; "
                             "drop --preset to resume it")
     elif args.config:
-        cfg = RunConfig.load(Path(args.config))
+        cfg = RunConfig.load(Path(args.config), partial=True)
         if args.preset:
             cfg.model, cfg.preset = presets.get(args.preset), args.preset
     else:
@@ -37,7 +49,18 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         cfg = RunConfig(model=presets.get(name), preset=name)
     if args.data:
         cfg.data = dataclasses.replace(cfg.data, source=resolve_source(args.data))
+    if args.text_field is not None:
+        cfg.data = dataclasses.replace(cfg.data, text_field=args.text_field)
     return _with_train_flags(cfg, args), out
+
+
+def check_places(run_dir: Path, fix: str) -> None:
+    """Refuse, before any long work, a run directory that cannot be written and a cache that
+    cannot be a directory (one that cannot be written is refused when it must be written)."""
+    from burrow.data.cache import check_cache
+
+    check_writable_dir(run_dir, "run directory", fix)
+    check_cache()
 
 
 def _with_train_flags(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
@@ -55,6 +78,7 @@ def train_command(args: argparse.Namespace) -> int:
     from burrow.train import Trainer, train
     from burrow.train.distill import Distiller
 
+    check_places(run_dir_of(args), "choose another --out")
     cfg, out = run_config_from_args(args)
     summary = train(cfg, out, resume=args.resume, allow_data_change=args.allow_data_change,
                     trainer_class=Distiller if cfg.distill is not None else Trainer)
@@ -98,6 +122,7 @@ def distill_command(args: argparse.Namespace) -> int:
     """
     from burrow.train.distill import distill, format_distill
 
+    check_places(Path(args.out), "choose another --out")
     cfg = distill_config_from_args(args)
     report = distill(cfg, Path(args.out), resume=args.resume,
                      baseline=Path(args.baseline) if args.baseline else None,
@@ -126,13 +151,12 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     from burrow.eval import compressor_bits_per_byte, evaluate, split_text
     from burrow.run import load_run, prepared_data_of
 
-    if args.max_tokens is not None and args.max_tokens <= 0:
-        raise UserError(f"--max-tokens must be positive, got {args.max_tokens}")
     device = _device(args.device)
     model, tokenizer, cfg = load_run(args.run, device=device)
     if args.data:
         dataset, described = tokenize_source(resolve_source(args.data), tokenizer,
-                                             text_field=cfg.data.text_field), args.data
+                                             text_field=args.text_field or cfg.data.text_field
+                                             ), args.data
     else:
         prepared = (prepared_data_of(Path(args.run))
                     or prepare_data(cfg, progress=False, run_dir=Path(args.run)))
@@ -165,11 +189,11 @@ SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"
 def generate_command(args: argparse.Namespace) -> str:
     """The prompt and its continuation, or --num-samples of them generated as one batch.
     Generation starts after a document separator; tokens/s go to stderr."""
+    import torch
+
     from burrow.infer import generate
     from burrow.run import load_run
 
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     device = _device(args.device)
     model, tokenizer, cfg = load_run(args.run, device=device)
     ids = [tokenizer.eos_id, *tokenizer.encode(args.prompt)]
@@ -205,7 +229,7 @@ def _short_source(source: str) -> str:
 
 
 def format_presets(result: dict[str, Any]) -> str:
-    from burrow.train.metrics import format_count
+    from burrow.units import format_count
 
     header = (f"{'name':<16} {'params':>9} {'active':>9} {'non-emb':>9} {'FLOPs/token':>12} "
               f"{'published':>10}  source")
@@ -223,6 +247,8 @@ def format_presets(result: dict[str, Any]) -> str:
 def prepare_command(args: argparse.Namespace) -> dict[str, Any]:
     from burrow.data import TokenDataset, prepare, resolve_source
 
+    if args.out:
+        check_writable_dir(args.out, "prepared directory", "choose another --out")
     prepared = prepare(resolve_source(args.data), vocab_size=args.vocab_size,
                        val_fraction=args.val_fraction, text_field=args.text_field,
                        model_type=args.tokenizer_type,
@@ -248,6 +274,7 @@ def format_prepare(result: dict[str, Any]) -> str:
 def tokenizer_command(args: argparse.Namespace) -> str:
     from burrow.data import resolve_source, train_tokenizer
 
+    check_writable_dir(args.out, "tokenizer directory", "choose another --out")
     path = train_tokenizer(resolve_source(args.data), vocab_size=args.vocab_size,
                            out_dir=Path(args.out), val_fraction=args.val_fraction,
                            text_field=args.text_field, model_type=args.tokenizer_type)
@@ -257,6 +284,7 @@ def tokenizer_command(args: argparse.Namespace) -> str:
 def export_hf_command(args: argparse.Namespace) -> str:
     from burrow.interop import export_hf
 
+    check_writable_dir(args.out, "export directory", "choose another OUT")
     out = export_hf(args.run, args.out)
     return (f"exported {args.run} to {out}: load it with "
             f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
@@ -265,6 +293,7 @@ def export_hf_command(args: argparse.Namespace) -> str:
 def import_hf_command(args: argparse.Namespace) -> str:
     from burrow.interop import import_hf
 
+    check_writable_dir(args.out, "run directory", "choose another OUT")
     out = import_hf(args.dir, args.out)
     return (f"imported {args.dir} to {out}: try `burrow generate {out}`, or fine-tune with "
             f"`burrow train --out {out} --resume --data SOURCE --max-steps N`")

@@ -17,6 +17,15 @@ def check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
         raise UserError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where, without its drawing of the line."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{f' ({context})' if context else ''}{where}"
+
+
 def check_positive(value: float, name: str) -> None:
     if not value > 0:
         raise UserError(f"{name} must be positive, got {value}")
@@ -110,5 +119,9 @@ def override_dict(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             if not isinstance(target.get(part), dict):
                 raise UserError(f"--set {item!r}: {section}.{part} is not a section of fields")
             target = target[part]
-        target[leaf] = yaml.safe_load(value) if value.strip() else None
+        try:
+            target[leaf] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as error:
+            raise UserError(f"--set {item!r}: the value is not valid YAML ({yaml_problem(error)})"
+                            "; quote it, e.g. --set 'data.source=\"a: b\"'") from None
     return raw

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from burrow.config.fields import build_section, check_choice, check_positive
+from burrow.config.fields import build_section, check_choice, check_positive, yaml_problem
 from burrow.config.model import ModelConfig
 from burrow.errors import UserError
 
@@ -227,15 +227,33 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def load(cls, path: Path) -> RunConfig:
+    def load(cls, path: Path, *, partial: bool = False) -> RunConfig:
+        """Read a config file. A run's own config.yaml is written whole, so one that lacks a
+        section (model, train or data) is refused; `partial=True` is for a user's file for a new
+        run (`burrow train --config`), whose missing sections take their defaults."""
+        from burrow.paths import problem_of
+
+        path = Path(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text())
+            raw = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise UserError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise UserError(f"config file {path} is a directory; give the YAML file itself "
+                            f"(e.g. {path / 'config.yaml'})") from None
+        except OSError as error:
+            raise UserError(f"config file {path} cannot be read ({problem_of(error)})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path} is not UTF-8 text; give a YAML file") from None
         except yaml.YAMLError as error:
-            raise UserError(f"config file {path} is not valid YAML: {error}") from None
+            raise UserError(f"config file {path} is not valid YAML: {yaml_problem(error)}"
+                            ) from None
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must hold a mapping of sections")
+        missing = [name for name in ("model", "train", "data") if name not in raw]
+        known = {"model", "train", "data", "preset", "distill"}
+        if missing and not partial and set(raw) <= known:  # unknown sections: from_dict says
+            raise UserError(f"config file {path} lacks the section(s) {', '.join(missing)}: a "
+                            "run's config.yaml holds model, train and data; restore the file, or "
+                            "start a new run with --config FILE (which may leave sections out)")
         return cls.from_dict(raw)
-
-

@@ -1,8 +1,13 @@
-"""Text sources -> tokenizer -> token shards -> batches. Imports nothing from burrow.model."""
+"""Text sources -> tokenizer -> token shards -> batches. Imports nothing from burrow.model.
 
-from burrow.data.loader import IGNORE_INDEX, BatchLoader, eval_batches
+The batches (which need torch) are imported on first use, so that preparing data does not
+load torch.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from burrow.data.cache import cache_dir
 from burrow.data.prepare import (
-    cache_dir,
     prepare,
     prepare_data,
     tokenize_source,
@@ -19,6 +24,11 @@ from burrow.data.sources import (
     stdlib_root,
 )
 from burrow.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from burrow.data.loader import IGNORE_INDEX, BatchLoader, eval_batches
+
+_LAZY = ("IGNORE_INDEX", "BatchLoader", "eval_batches")  # from burrow.data.loader (PEP 562)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -42,3 +52,11 @@ __all__ = [
     "tokenize_source",
     "train_tokenizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from burrow.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'burrow.data' has no attribute {name!r}")

@@ -15,39 +15,29 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from multiprocessing.pool import Pool
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from tqdm import tqdm
-
+from burrow.data.cache import CACHE, CACHE_FIX, cache_dir
 from burrow.data.shards import (
     DEFAULT_SHARD_TOKENS,
     FORMAT_VERSION,
     SPLITS,
-    ShardWriter,
     TokenDataset,
     read_manifest,
-    token_dtype,
     write_manifest,
 )
-from burrow.data.sources import STDLIB, SourceStats, iter_documents, source_fingerprint, split_of
+from burrow.data.sources import STDLIB, iter_documents, source_fingerprint, split_of
 from burrow.data.tokenizer import DEFAULT_SAMPLE_BYTES, MODEL_FILE, TRAINER_OPTIONS, Tokenizer
+from burrow.data.workers import tokenize_into_shards
 from burrow.errors import UserError
+from burrow.paths import check_writable_dir
 
 if TYPE_CHECKING:
     from burrow.config import RunConfig
 
-BATCH_CHARS = 2**20  # text sent to a worker at a time
 TOKENIZER_SEED = 0
-
-
-def cache_dir() -> Path:
-    """Where prepared data lives: $BURROW_CACHE, or ~/.cache/burrow."""
-    return Path(os.environ.get("BURROW_CACHE") or Path.home() / ".cache" / "burrow").expanduser()
 
 
 def prepare(
@@ -119,7 +109,7 @@ def prepare(
         manifest = {"fingerprint": key, "source": source, "source_fingerprint": fingerprint}
         manifest.update(settings)
         manifest.update(
-            _tokenize(
+            tokenize_into_shards(
                 source,
                 directory,
                 used,
@@ -139,7 +129,9 @@ def prepare(
             )
         return manifest
 
-    _create(out, key, build)
+    place = ("prepared directory", "choose another output directory") if out_dir else (
+        CACHE, CACHE_FIX)
+    _create(out, key, build, place)
     return out
 
 
@@ -220,7 +212,7 @@ def tokenize_source(
         manifest = {"fingerprint": key, "source": source, "source_fingerprint": fingerprint}
         manifest.update(settings)
         manifest.update(
-            _tokenize(
+            tokenize_into_shards(
                 source,
                 directory,
                 tokenizer,
@@ -234,7 +226,7 @@ def tokenize_source(
         )
         return manifest
 
-    _create(out, key, build)
+    _create(out, key, build, (CACHE, CACHE_FIX))
     return TokenDataset(out, "all")
 
 
@@ -249,12 +241,15 @@ def _is_prepared(directory: Path, key: str) -> bool:
     return manifest is not None and manifest.get("fingerprint") == key
 
 
-def _create(out: Path, key: str, build: Callable[[Path], dict[str, Any]]) -> None:
+def _create(out: Path, key: str, build: Callable[[Path], dict[str, Any]],
+            place: tuple[str, str]) -> None:
     """Make out with build(directory) -> manifest, unless a complete one with this key exists.
 
     build works in out.tmp-<pid>; the manifest is written last and the directory renamed to
     out at the end, and removed if anything fails, so that out is either complete or absent.
     When another process finishes the same work first, its result is kept and ours dropped.
+    `place` (what out's folder is, and the fix) names the folder if it cannot be written,
+    which is checked before any work.
     """
     if _is_prepared(out, key):
         return
@@ -262,6 +257,7 @@ def _create(out: Path, key: str, build: Callable[[Path], dict[str, Any]]) -> Non
         raise UserError(
             f"{out} already holds other data; remove it or choose another output directory"
         )
+    check_writable_dir(out.parent, *place)
     temporary = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
@@ -324,103 +320,3 @@ def _train_tokenizer(
             file=sys.stderr,
         )
     return tokenizer
-
-
-def _tokenize(
-    source: str,
-    directory: Path,
-    tokenizer: Tokenizer,
-    *,
-    text_field: str,
-    split: Callable[[str], str],
-    splits: tuple[str, ...],
-    workers: int,
-    shard_tokens: int,
-    progress: bool,
-) -> dict[str, Any]:
-    """Tokenize every document in worker processes and stream the tokens into shards.
-
-    split(name) says which of splits a document goes to. The workers load the tokenizer from
-    directory/tokenizer.model. Returns the manifest's entries about the tokens.
-    """
-    stats = SourceStats()
-    documents = iter_documents(source, text_field=text_field, stats=stats)
-    labelled = ((split(document.name), document.text) for document in documents)
-    writers = {
-        name: ShardWriter(
-            directory,
-            name,
-            vocab_size=tokenizer.vocab_size,
-            eos_id=tokenizer.eos_id,
-            shard_tokens=shard_tokens,
-        )
-        for name in splits
-    }
-    bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, file=sys.stderr, disable=not progress)
-    model_file = directory / MODEL_FILE
-    done = 0
-    with Pool(workers, initializer=_load_worker_tokenizer, initargs=(model_file,)) as pool:
-        for results in _ordered_map(pool, _encode_batch, _batches(labelled), 2 * workers):
-            for name, ids, num_bytes in results:
-                writers[name].add_document(ids, num_bytes)
-                bar.update(num_bytes)
-            done += len(results)
-            bar.set_postfix_str(f"{done} documents", refresh=False)
-    bar.close()
-    if stats.warning():
-        print(stats.warning(), file=sys.stderr)
-    return {
-        "dtype": token_dtype(tokenizer.vocab_size).name,
-        "vocab_size": tokenizer.vocab_size,
-        "bos_id": tokenizer.bos_id,
-        "eos_id": tokenizer.eos_id,
-        "skipped_non_utf8": stats.skipped_non_utf8,
-        "splits": {name: writer.close() for name, writer in writers.items()},
-    }
-
-
-def _batches(labelled: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
-    """Group (split, text) pairs into batches of about BATCH_CHARS characters."""
-    batch: list[tuple[str, str]] = []
-    size = 0
-    for item in labelled:
-        batch.append(item)
-        size += len(item[1])
-        if size >= BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def _ordered_map(
-    pool: Pool, function: Callable, items: Iterable, max_pending: int
-) -> Iterator[Any]:
-    """pool.imap with at most max_pending items in flight, so that memory stays flat.
-
-    (Pool.imap reads its whole input ahead, which would hold the whole corpus in memory.)
-    """
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.apply_async(function, (item,)))
-        if len(pending) >= max_pending:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _load_worker_tokenizer(model_file: Path) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.load(model_file)
-
-
-def _encode_batch(batch: list[tuple[str, str]]) -> list[tuple[str, np.ndarray, int]]:
-    """(split, token ids, UTF-8 bytes) of each (split, text) pair, in a worker process."""
-    dtype = token_dtype(_worker_tokenizer.vocab_size)
-    return [
-        (split, np.array(_worker_tokenizer.encode(text), dtype=dtype), len(text.encode("utf-8")))
-        for split, text in batch
-    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,7 +100,18 @@ def source_files(
         if path.stat().st_size == 0:
             raise UserError(f"data file {source} is empty; {SOURCE_HELP}")
         return [(path.name, path)]
-    raise UserError(f"data source {source!r} does not exist; {SOURCE_HELP}")
+    raise UserError(f"data source {source!r} {_not_readable(path)}; {SOURCE_HELP}")
+
+
+def _not_readable(path: Path) -> str:
+    """Why a path that is neither a directory nor a regular file cannot be read as text."""
+    if not path.exists():
+        return "is a broken symbolic link" if path.is_symlink() else "does not exist"
+    mode = path.stat().st_mode
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"exists but is {kind}, not a file of text"
 
 
 def _jsonl_documents(
@@ -128,7 +140,7 @@ def _jsonl_documents(
                 fields = ", ".join(record) if isinstance(record, dict) else "none"
                 raise UserError(
                     f"{path}:{line_number} has no string field {text_field!r} "
-                    f"(fields: {fields}); pass the right one with --text-field"
+                    f"(fields: {fields}); pass the right one with --text-field (data.text_field)"
                 )
             if text:
                 yield Document(where, text)

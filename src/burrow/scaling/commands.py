@@ -1,17 +1,20 @@
 """The scaling verbs of the CLI: `plan`, `sweep` and `fit`, each a function of parsed arguments
-that returns a JSON-able result, and the text formatters for them."""
+that returns a JSON-able result, and the text formatters for them. `plan` and `fit` do
+arithmetic: neither imports torch (nor matplotlib, unless `fit` draws)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from burrow.errors import UserError
+from burrow.paths import check_writable_dir
 from burrow.scaling import plan as planning
-from burrow.train.metrics import format_count, format_duration
+from burrow.units import format_count, format_duration
 
 _ARCH_WORDS = {"llama": "RoPE, RMSNorm, SwiGLU, untied embeddings",
                "chinchilla": "relative positions, RMSNorm, GELU, tied embeddings"}
@@ -33,8 +36,12 @@ def plan_command(args: argparse.Namespace) -> dict[str, Any]:
         for row in result["laws"]:
             row["preset_params_ratio"] = spent["params"] / row["params"]
     if args.emit_config:
+        path = Path(args.emit_config)
+        check_writable_dir(path.parent, "folder of --emit-config", "choose another PATH")
         cfg = planning.run_config(result, data=args.data)
-        cfg.save(Path(args.emit_config))
+        cfg.data = dataclasses.replace(cfg.data, text_field=args.text_field)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cfg.save(path)
         result["emitted_config"] = {"path": args.emit_config, "max_steps": cfg.train.max_steps,
                                     "batch_tokens": cfg.train.batch_tokens, "lr": cfg.train.lr}
     return result
@@ -188,6 +195,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     With --json the progress goes to stderr, the trainer is quiet, and stdout gets one JSON
     object: the runs (--dry-run) or the results and the fit.
     """
+    from burrow.data.cache import check_cache
     from burrow.scaling.sweep import plan_sweep, run_sweep
 
     settings = sweep_settings(args)
@@ -196,6 +204,8 @@ def sweep_command(args: argparse.Namespace) -> int:
         print(json.dumps({"runs": [run.to_dict() for run in runs]}) if args.json
               else format_sweep_plan(runs))
         return 0
+    check_writable_dir(args.out, "sweep directory", "choose another --out")  # before any run
+    check_cache()
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else print
     result = run_sweep(settings, Path(args.out), force=args.force, verbose=not args.json,
                        log=log)
@@ -233,12 +243,24 @@ def fit_command(args: argparse.Namespace) -> dict[str, Any]:
     if path.is_dir() and not table.is_file():
         raise UserError(f"{path} is a directory without results.csv; give a sweep directory "
                         "or a CSV / JSON Lines file of runs")
-    if args.bootstrap < 0:
-        raise UserError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent)
-    return fit_and_plot(table, out, bootstrap=args.bootstrap, seed=args.seed,
-                        columns=parse_columns(args.columns or ""),
-                        drop_highest=args.drop_highest, name=args.name)
+    out = Path(args.out) if args.out else default_fit_dir(path)
+    check_writable_dir(out, "fit directory", "choose another --out")
+    result = fit_and_plot(table, out, bootstrap=args.bootstrap, seed=args.seed,
+                          columns=parse_columns(args.columns or ""),
+                          drop_highest=args.drop_highest, name=args.name)
+    if args.json and not args.out and not path.is_dir():  # the text report names it anyway
+        print(f"burrow: note: wrote the fit to {out}/ (choose the place with --out)",
+              file=sys.stderr)
+    return result
+
+
+def default_fit_dir(path: Path) -> Path:
+    """Where `burrow fit PATH` writes without --out: a sweep directory holds its own fit; the fit
+    of a table NAME.csv goes to fits/NAME here, never into the table's folder (which may be
+    someone else's data)."""
+    if path.is_dir():
+        return path
+    return Path("fits") / path.stem
 
 
 def _interval(report: dict[str, Any], key: str) -> str:

@@ -265,5 +265,9 @@ def get_law(name_or_path: str) -> ScalingLaw:
     path = Path(name_or_path)
     if path.is_file():
         return ScalingLaw.load(path)
+    if path.suffix == ".json" or len(path.parts) > 1 or path.exists():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise UserError(f"law file {path} {what}; give the law.json that `burrow fit` wrote, "
+                        f"or a built-in law: {', '.join(law_names())}")
     raise UserError(f"unknown law {name_or_path!r}; choose one of {', '.join(law_names())} "
                     "or a fitted law's JSON file")

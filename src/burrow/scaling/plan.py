@@ -20,7 +20,6 @@ from burrow.errors import UserError
 from burrow.flops import flops_per_token, matmul_params
 from burrow.scaling.laws import ScalingLaw, get_law, law_names
 from burrow.scaling.shapes import choose_shape
-from burrow.train.hardware import PEAK_FLOPS, device_family
 
 SECONDS_PER_HOUR = 3600.0
 # Context of the planned model: Gopher's and Chinchilla's 2048 tokens (Rae et al. 2021, §3).
@@ -48,6 +47,8 @@ class Hardware:
 
 def hardware(device: str, *, precision: str = "bf16", mfu: float = 0.4) -> Hardware:
     """The device called `device` ("h100", "A100", "tpu v4", ...) with its peak FLOP/s."""
+    from burrow.train.hardware import PEAK_FLOPS, device_family  # torch: only with a device
+
     family = device_family(device)
     if family is None:
         raise UserError(f"unknown device {device!r}; known: {', '.join(PEAK_FLOPS)}")

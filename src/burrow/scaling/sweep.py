@@ -258,7 +258,7 @@ def run_sweep(settings: SweepSettings, out: Path, *, force: bool = False,
 
 def _overview(runs: list[SweepRun], pending: list[SweepRun], settings: SweepSettings,
               out: Path, estimate: float | None) -> str:
-    from burrow.train.metrics import format_duration
+    from burrow.units import format_duration
 
     if not pending:
         when = "nothing to train"
@@ -312,7 +312,7 @@ class _Progress:
         self.done_flops, self.seconds, self.started = 0.0, 0.0, 0.0
 
     def _eta(self) -> str:
-        from burrow.train.metrics import format_duration
+        from burrow.units import format_duration
 
         if not self.done_flops:
             return f"ETA ~{format_duration(self.estimate)}" if self.estimate else "ETA -"
