@@ -236,7 +236,7 @@ def other_vocabulary(runs) -> Path:
     (["--teacher", "{teacher}", "--student", "micro", "--baseline", "{root}/other-vocabulary"],
      ["another vocabulary"]),
     (["--teacher", "{teacher}", "--student", "micro", "--teacher-weight", "-1"],
-     ["distill.teacher_weight"]),
+     ["--teacher-weight", "expected a number >= 0"]),
     (["--student", "micro"], ["--teacher"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, other_vocabulary, capsys, args, words):

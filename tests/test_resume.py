@@ -173,3 +173,44 @@ def test_files_get_the_umask_mode(trained, tmp_path):
         path.name: expected for path in files}
     out = export_hf(run_dir, tmp_path / "hf")
     assert (out / "model.safetensors").stat().st_mode & 0o777 == expected
+
+
+FAILING_COMMANDS = [  # every verb that reads or writes a run, given something it must refuse
+    ["train", "--out", "{run}"],                                    # holds checkpoints
+    ["train", "--out", "{run}", "--resume", "--max-steps", "0"],
+    ["train", "--out", "{run}", "--resume", "--lr", "-1"],
+    ["train", "--out", "{run}", "--resume", "--set", "model.n_layers=5"],
+    ["train", "--out", "{run}", "--resume", "--set", "model.moe.num_experts=4"],
+    ["train", "--out", "{run}", "--resume", "--data", "{missing}"],
+    ["train", "--out", "{run}", "--resume", "--config", "{run}"],    # a directory
+    ["train", "--out", "{run}", "--resume", "--set", "train.nonsense=1"],
+    ["eval", "{run}", "--batch-size", "0"],
+    ["eval", "{run}", "--data", "/dev/null"],
+    ["generate", "{run}", "--max-new-tokens", "-5"],
+    ["generate", "{run}", "--top-p", "2"],
+    ["distill", "--teacher", "{run}", "--student", "switch-micro", "--out", "{run}"],
+    ["distill", "--teacher", "{run}", "--student", "micro", "--out", "{run}"],
+    ["export-hf", "{run}", "{run}/config.yaml"],                    # onto a file of the run
+    ["import-hf", "{missing}", "{run}"],
+]
+
+
+@pytest.mark.parametrize("argv", FAILING_COMMANDS, ids=lambda argv: " ".join(argv[:4]))
+def test_no_failing_command_changes_a_file_of_the_run(trained, tmp_path, capsys, argv):
+    from burrow.cli import main
+
+    _, run_dir = trained
+    before = hashes(run_dir)
+    fill = {"{run}": str(run_dir), "{missing}": str(tmp_path / "missing")}
+    for key, value in fill.items():
+        argv = [arg.replace(key, value) for arg in argv]
+    try:
+        status = main(argv)
+    except SystemExit as stop:  # argparse's usage errors
+        status = stop.code
+    assert status == 2, argv
+    lines = [line for line in capsys.readouterr().err.strip().splitlines()
+             if "note:" not in line]
+    assert len(lines) == 1 and lines[0].startswith("burrow: error: "), lines
+    assert hashes(run_dir) == before, argv
+    assert not (run_dir / "train.lock").exists()

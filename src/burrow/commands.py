@@ -36,6 +36,9 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     out = run_dir_of(args)
     saved = out / "config.yaml"
     if args.resume and saved.is_file():
+        if args.config:
+            raise UserError(f"--resume continues {out} with its own config.yaml; drop "
+                            "--config, and change fields with flags or --set")
         cfg = RunConfig.load(saved)
         if args.preset and args.preset != cfg.preset:
             raise UserError(f"{out} was trained with preset {cfg.preset}, not {args.preset}; "
