@@ -25,6 +25,7 @@ def test_common_parser_is_a_parent_whose_defaults_a_script_can_change():
 
 @pytest.mark.parametrize("script, shared", [
     ("chinchilla_fit", {"rounds": 1, "threads": None}),
+    ("cli_start", {"rounds": 1}),
     ("decode_kernels", {"rounds": 2, "threads": None}),
     ("generate", {"rounds": 2, "threads": None, "device": "cpu", "seed": 0}),
     ("gpu_mfu", {"device": "cpu"}),
