@@ -118,6 +118,16 @@ def test_mixed_text_round_trips_without_unk(tokenizer, unigram, text):
         assert model.unk_id not in ids
 
 
+@PROPERTY
+@given(MIXED)
+@example("\u2581 \u2581\n")
+def test_token_byte_lengths_add_up_to_the_text(tokenizer, unigram, text):
+    for model in (tokenizer, unigram):
+        lengths = model.byte_lengths()
+        assert sum(lengths[i] for i in model.encode(text)) == len(text.encode("utf-8"))
+        assert lengths[model.eos_id] == 0 and lengths[model.bos_id] == 0
+
+
 def test_meta_symbol_is_encoded_as_its_bytes(tokenizer):
     pieces = [tokenizer.id_to_piece(i) for i in tokenizer.encode("\u2581")]
     assert pieces == ["<0xE2>", "<0x96>", "<0x81>"]  # UTF-8 of U+2581

@@ -170,3 +170,18 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary entry of an id, as sentencepiece writes it ("▁" for a space)."""
         return self._sp.id_to_piece(token_id)
+
+    def byte_lengths(self) -> list[int]:
+        """The UTF-8 bytes each token id stands for in decoded text: its piece's (a space for
+        each "▁"), 1 for a byte-fallback token, 0 for <s>, </s> and <unk>. No dummy prefix is
+        added, so a text's token byte lengths add up to its size."""
+        lengths = []
+        for token in range(self.vocab_size):
+            if self._sp.is_control(token) or self._sp.is_unknown(token):
+                lengths.append(0)
+            elif self._sp.is_byte(token):
+                lengths.append(1)
+            else:
+                piece = self._sp.id_to_piece(token)
+                lengths.append(len(piece.replace(META_SYMBOL, " ").encode("utf-8")))
+        return lengths
