@@ -78,6 +78,28 @@ def test_each_epoch_is_a_permutation_with_its_own_offset(dataset):
     assert len(offsets) > 1
 
 
+def test_aligned_windows_start_at_whole_chunks_and_cover_each_epoch(dataset):
+    seq_len, chunk = 32, 8
+    loader = BatchLoader(dataset, batch_size=1, seq_len=seq_len, seed=0, align=chunk)
+    offsets = set()
+    for _ in range(6):
+        starts = [starts_of(loader.next_batch())[0]]
+        offset = starts[0] % seq_len
+        count = (NUM_TOKENS - 1 - offset) // seq_len
+        starts += [starts_of(loader.next_batch())[0] for _ in range(count - 1)]
+        assert sorted(starts) == [offset + i * seq_len for i in range(count)]
+        offsets.add(offset)
+    assert offsets <= {0, 8, 16, 24} and len(offsets) > 1
+    # align=1 draws what an unaligned loader always drew
+    assert_same(take(BatchLoader(dataset, 4, 16, seed=5, align=1), 20),
+                take(BatchLoader(dataset, 4, 16, seed=5), 20))
+    with pytest.raises(UserError, match="multiple of the chunk length 8"):
+        BatchLoader(dataset, 4, 20, align=8)
+    state = loader.state_dict()
+    with pytest.raises(UserError, match="multiples of 8"):
+        BatchLoader(dataset, 1, seq_len).load_state_dict(state)
+
+
 def test_same_seed_same_batches_other_seed_other_batches(dataset):
     batches = take(BatchLoader(dataset, 4, 16, seed=7), 20)
     assert_same(batches, take(BatchLoader(dataset, 4, 16, seed=7), 20))

@@ -8,6 +8,10 @@ successive epochs cut the text at different places. The ranks of a distributed j
 permutation in steps of world_size, rank r taking entry position + r: each reads different data,
 and the position is the same on every rank, so any rank's state resumes any rank (even under
 another world size).
+
+With `align` (RETRO's chunk length), the windows start at multiples of it, so that each
+window is whole chunks of the stream and chunk c is always tokens [c * align, (c + 1) * align):
+the chunks whose neighbours were precomputed. align = 1 draws exactly what it always did.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ class BatchLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        align: int = 1,
     ):
+        if align < 1 or seq_len % align:
+            raise UserError(f"the sequence length {seq_len} must be a multiple of the chunk "
+                            f"length {align}")
         if batch_size < 1 or seq_len < 1 or seed < 0 or not 0 <= rank < world_size:
             raise UserError(
                 f"bad loader settings: batch_size={batch_size}, seq_len={seq_len}, seed={seed}, "
@@ -56,6 +64,7 @@ class BatchLoader:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.align = align
         self.epoch = 0
         self.position = 0  # permutation entries consumed by all ranks together in this epoch
         self._starts = self._window_starts(0)
@@ -63,7 +72,7 @@ class BatchLoader:
     def _window_starts(self, epoch: int) -> np.ndarray:
         """Start of every window of an epoch, in the order the epoch visits them."""
         rng = np.random.default_rng([self.seed, epoch])
-        offset = int(rng.integers(self.seq_len))
+        offset = self.align * int(rng.integers(self.seq_len // self.align))
         count = (self.dataset.num_tokens - 1 - offset) // self.seq_len
         return offset + self.seq_len * rng.permutation(count)
 
@@ -103,6 +112,7 @@ class BatchLoader:
             "fingerprint": self.dataset.fingerprint,
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
+            "align": self.align,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, allow_data_change: bool = False) -> None:
@@ -123,6 +133,11 @@ class BatchLoader:
             raise UserError(
                 f"checkpoint's data loader used sequence length {state['seq_len']}, this run "
                 f"uses {self.seq_len}; resume with --seq-len {state['seq_len']}"
+            )
+        if state.get("align", 1) != self.align:
+            raise UserError(
+                f"checkpoint's data loader cut windows at multiples of {state.get('align', 1)} "
+                f"tokens, this run at {self.align}; resume with the chunk length it had"
             )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
