@@ -291,6 +291,9 @@ def test_neighbours_of_the_wrong_shape_or_for_a_plain_model_are_user_errors():
         model(ids, neighbours=torch.zeros(2, 2, 2, 8, dtype=torch.long))
     with pytest.raises(UserError, match="without retrieval"):
         dense_twin(model)(ids, neighbours=torch.zeros(2, 3, 2, 8, dtype=torch.long))
+    short = ids[:, :M - 1]  # no chunk complete: nothing to retrieve for
+    torch.testing.assert_close(model(short, neighbours=torch.zeros(2, 0, 2, 8, dtype=torch.long)
+                                     ).logits, model(short).logits)
 
 
 def test_generation_with_a_cache_runs_the_decoder_alone():

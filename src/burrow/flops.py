@@ -5,6 +5,8 @@ The count is PaLM's (Chowdhery et al. 2022, appendix B): a token costs 6N FLOPs 
 12·L·H·Q·T for self-attention, with L layers, H query heads, Q the head width and T the
 sequence length. MFU = tokens/s x FLOPs per token / peak FLOP/s. The same formula serves the
 training log and the Chinchilla planner.
+A RETRO model adds its encoder's work on the neighbour tokens and its cross-attention
+(retrieval_flops_per_token).
 
 N is the number of weights a token is multiplied by. PaLM counts its shared embedding matrix
 in N: 238.3K tokens/s on 6144 TPU v4 chips (PaLM §4.1, Table 3) is 46.2% MFU with N = 540.35B

@@ -122,7 +122,7 @@ _SWITCH_NOTES = ("Decoder-only variant of an encoder-decoder model: the publishe
 # baseline: CCA (q, k, v, o, W_R) in each retrieval layer and the encoder (2 x (self-attention,
 # cross-attention, 4x GELU MLP) at width 896, plus a d_model -> 896 projection where they
 # differ); for 172M: 3 x (4·896·1024 + 896·1024) + 2 x (4·896² + 2·896² + 2·896² + 8·896²)
-# = 13.8M + 25.7M = 39.5M over 132.1M.
+# = 13.8M + 25.7M = 39.5M over 132.2M.
 _RETRO_NOTES = ("Table 9 counts leave the 128k embedding out: compare the non-embedding count. "
                 "The encoder's heads (14 of 64) are not published and change no count; CCA's "
                 "relative positions use Transformer-XL's W_R, u, v (see docs/retro.md).")
@@ -225,7 +225,7 @@ _PRESETS: tuple[Preset, ...] = (
            "small with RETRO's retrieval in blocks 3 and 6: 5.7M parameters, small's decoder",
            "burrow"),
     # Table 9, without embeddings: baseline 132M, 368M, 1,309M, 6,982M -> RETRO 172M, 425M,
-    # 1,451M, 7,532M. Ours: 132.1M -> 171.6M, 368.1M -> 427.0M, 1,308.9M -> 1,454.2M,
+    # 1,451M, 7,532M. Ours: 132.2M -> 171.6M, 368.1M -> 427.0M, 1,308.8M -> 1,454.3M,
     # 6,979.9M -> 7,539.7M.
     Preset("retro-172m", _retro(n_layers=12, n_heads=16, head_dim=64, d_model=896),
            "RETRO 172M (without embeddings): the 132M baseline with retrieval in layers 6, 9, 12",

@@ -196,17 +196,15 @@ class ChunkedCrossAttention(nn.Module):
         self.encoder = NeighbourEncoder(cfg) if layer == cfg.retrieval_layers[0] else None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        if ctx.neighbours is None:
-            return torch.zeros_like(x)
         B, T, d = x.shape
         m = self.chunk_size
         C = T // m
+        if ctx.neighbours is None or C == 0:  # no retrieval, or no chunk complete yet
+            return torch.zeros_like(x)
         if self.encoder is not None:
             chunks = x[:, :C * m].reshape(B, C, m, d)  # H_u, this layer's input (§2.4)
             ctx.encoded_neighbours = self.encoder(ctx.embed(ctx.neighbours), chunks)
         encoded = ctx.encoded_neighbours  # (B, C, k, r, d')
-        if C == 0:
-            return torch.zeros_like(x)
         k, r = encoded.shape[2:4]
         # Listing 1: drop the first m - 1 tokens, pad to C whole chunks, attend chunk u to E_u.
         attending = F.pad(x[:, m - 1:], (0, 0, 0, C * m - (T - m + 1))).reshape(B * C, m, d)
