@@ -147,13 +147,13 @@ class NeighbourEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.encoder = cfg.retro_encoder()
-        width = self.encoder.d_model
+        self.shape = cfg.retro_encoder()  # width, heads, layers, norm and MLP kind
+        width = self.shape.d_model
         self.project = (nn.Linear(cfg.d_model, width, bias=cfg.bias) if width != cfg.d_model
                         else None)
-        self.layers = nn.ModuleList(EncoderLayer(cfg, self.encoder)
-                                    for _ in range(self.encoder.n_layers))
-        self.norm = make_norm(self.encoder)
+        self.layers = nn.ModuleList(EncoderLayer(cfg, self.shape)
+                                    for _ in range(self.shape.n_layers))
+        self.norm = make_norm(self.shape)
 
     def init_weights(self, init: Init) -> None:
         if self.project is not None:
@@ -168,8 +168,8 @@ class NeighbourEncoder(nn.Module):
             x = self.project(x)
         chunk = chunks[:, :, None].expand(B, C, k, m, d).reshape(B * C * k, m, d)
         # Neighbour token j and chunk token j are aligned: both count from the chunk's start.
-        at_neighbour = rotary_tables(self.encoder, torch.arange(r, device=x.device))
-        at_chunk = rotary_tables(self.encoder, torch.arange(m, device=x.device))
+        at_neighbour = rotary_tables(self.shape, torch.arange(r, device=x.device))
+        at_chunk = rotary_tables(self.shape, torch.arange(m, device=x.device))
         for layer in self.layers:
             x = layer(x, chunk, at_neighbour, at_chunk)
         return self.norm(x).view(B, C, k, r, -1)
