@@ -35,6 +35,7 @@ PUBLISHED: dict[str, tuple[float, float]] = {
 }
 TINY = ("micro", "nano", "small")
 SWITCH = ("switch-micro", "switch-nano", "switch-small", "switch-base-128", "switch-c-2048")
+RETRO = ("retro-nano", "retro-small", "retro-172m", "retro-425m", "retro-1.5b", "retro-7.5b")
 
 
 def norm_scales(cfg: ModelConfig) -> int:
@@ -80,9 +81,9 @@ def test_names_are_stable_and_ordered():
     assert names == presets.names() == list(presets.PRESETS)
     assert len(set(names)) == len(names)
     assert tuple(names[:3]) == TINY
-    assert set(names) == set(TINY) | set(PUBLISHED) | set(SWITCH)
+    assert set(names) == set(TINY) | set(PUBLISHED) | set(SWITCH) | set(RETRO)
     # Within a family, sizes grow.
-    for family in ("gopher-", "palm-"):
+    for family in ("gopher-", "palm-", "retro-"):
         sizes = [presets.get(n).num_params() for n in names if n.startswith(family)]
         assert sizes == sorted(sizes)
 

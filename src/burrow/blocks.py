@@ -153,9 +153,46 @@ def switch_params(cfg: ModelConfig, layer: int, active: bool = False) -> int:
     return router + experts * matrices * cfg.d_model * cfg.expert_ffn_size
 
 
+def cross_attention_params(query_width: int, key_width: int, inner: int, bias: bool) -> int:
+    """Attention whose queries (and output) have one width and keys and values another: q and
+    o of query_width x inner, k and v of key_width x inner. Module: model/retro.py."""
+    return 2 * query_width * inner + 2 * key_width * inner + int(bias) * (3 * inner + query_width)
+
+
+def retro_encoder_params(cfg: ModelConfig) -> int:
+    """RETRO's neighbour encoder (§2.4): the decoder's embedding, projected to the encoder's
+    width where it differs; per layer bidirectional self-attention, cross-attention to the
+    retrieving chunk's activations (width d_model) and an MLP, each behind a norm; a final
+    norm. Module: model/retro.py, NeighbourEncoder."""
+    encoder = cfg.retro_encoder()
+    width, d = encoder.d_model, cfg.d_model
+    inner = encoder.n_heads * encoder.head_size
+    project = 0 if width == d else d * width + int(cfg.bias) * width
+    layer = (3 * norm_params(encoder) + cross_attention_params(width, width, inner, cfg.bias)
+             + cross_attention_params(width, d, inner, cfg.bias) + mlp_params(encoder, 0))
+    return project + encoder.n_layers * layer + norm_params(encoder)
+
+
+def cca_params(cfg: ModelConfig, layer: int, active: bool = False) -> int:
+    """RETRO's chunked cross-attention (§2.4): queries from the decoder, keys and values from
+    the encoded neighbours; with relative positions Transformer-XL's W_R, u and v as well. The
+    neighbour encoder is counted once, with the first retrieval layer, whose part runs it.
+    Module: model/retro.py, ChunkedCrossAttention."""
+    width = cfg.retro.encoder_width or cfg.d_model
+    inner = cfg.n_heads * cfg.head_size
+    total = cross_attention_params(cfg.d_model, width, inner, cfg.bias)
+    if cfg.positions == "relative":
+        total += cfg.d_model * inner + 2 * inner
+    if layer == cfg.retrieval_layers[0]:
+        total += retro_encoder_params(cfg)
+    return total
+
+
 register("mixer", "attention", "burrow.model.attention:Attention", attention_params,
          "causal self-attention: MHA, GQA or MQA; RoPE, relative or learned positions")
 register("ffn", "mlp", "burrow.model.mlp:dense_mlp", mlp_params,
          "dense feed-forward: SwiGLU (PaLM) or GELU (GPT, Gopher), as model.ffn says")
 register("ffn", "switch", "burrow.model.moe:SwitchMLP", switch_params,
          "Switch Transformer experts behind a top-k router (model.moe)")
+register("extra", "cca", "burrow.model.retro:ChunkedCrossAttention", cca_params,
+         "RETRO's chunked cross-attention to encoded neighbours (model.retro)")

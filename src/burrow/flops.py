@@ -5,6 +5,8 @@ The count is PaLM's (Chowdhery et al. 2022, appendix B): a token costs 6N FLOPs 
 12·L·H·Q·T for self-attention, with L layers, H query heads, Q the head width and T the
 sequence length. MFU = tokens/s x FLOPs per token / peak FLOP/s. The same formula serves the
 training log and the Chinchilla planner.
+A RETRO model adds its encoder's work on the neighbour tokens and its cross-attention
+(retrieval_flops_per_token).
 
 N is the number of weights a token is multiplied by. PaLM counts its shared embedding matrix
 in N: 238.3K tokens/s on 6144 TPU v4 chips (PaLM §4.1, Table 3) is 46.2% MFU with N = 540.35B
@@ -17,10 +19,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from burrow import blocks
 from burrow.errors import UserError
 
 if TYPE_CHECKING:
     from burrow.config import ModelConfig
+
 
 def matmul_params(cfg: ModelConfig, *, embeddings: bool = True) -> int:
     """N of the 6N: the weights each token is multiplied by.
@@ -67,7 +71,38 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, *, attention: 
     flops = float(passes * 2 * matmul_params(cfg, embeddings=embeddings))
     if attention:
         flops += attention_flops_per_token(cfg, seq_len, training=training)
+    if cfg.retro is not None:
+        flops += retrieval_flops_per_token(cfg, attention=attention, training=training)
     return flops
+
+
+def retrieval_flops_per_token(cfg: ModelConfig, *, attention: bool = True,
+                              training: bool = True) -> float:
+    """What RETRO (Borgeaud et al. 2021, §2.4) adds per decoder token to 2N and the decoder's
+    attention, with the training number of neighbours k.
+
+    The encoder reads k neighbours of r tokens for each chunk of m decoder tokens: its weights,
+    and the k and v projections of chunked cross-attention, multiply k·r/m tokens per decoder
+    token where N counts them once, so (k·r/m - 1) x 2 x their count more. Attention, forward:
+    each token's CCA scores k·r keys in each retrieval layer, 2·s·H·Q·k·r (s = 3 score matmuls
+    with relative positions, else 2, as in attention_flops_per_token); each neighbour token
+    attends to r neighbour tokens and m chunk tokens in each encoder layer, 4·H'·Q'·(r + m).
+    Training is three times the forward.
+    """
+    retro, encoder = cfg.retro, cfg.retro_encoder()
+    k, r, m = retro.neighbours, retro.neighbour_length, retro.chunk_size
+    neighbour_tokens = k * r / m  # encoder tokens per decoder token
+    inner = cfg.n_heads * cfg.head_size
+    retrieval_layers = len(cfg.retrieval_layers)
+    key_value = retrieval_layers * 2 * inner * (encoder.d_model + int(cfg.bias))
+    per_neighbour_token = blocks.retro_encoder_params(cfg) + key_value
+    forward = 2 * (neighbour_tokens - 1) * per_neighbour_token
+    if attention:
+        score_matmuls = 3 if cfg.positions == "relative" else 2
+        forward += 2 * score_matmuls * retrieval_layers * inner * k * r
+        encoder_inner = encoder.n_heads * encoder.head_size
+        forward += neighbour_tokens * encoder.n_layers * 4 * encoder_inner * (r + m)
+    return float(3 * forward if training else forward)
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:

@@ -13,7 +13,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from burrow.config import ModelConfig, MoEConfig
+from burrow.config import ModelConfig, MoEConfig, RetroConfig
 from burrow.errors import UserError
 from burrow.flops import flops_per_token
 
@@ -22,6 +22,7 @@ CHINCHILLA = "Hoffmann et al. 2022, Training Compute-Optimal LLMs (Chinchilla), 
 PALM = "Chowdhery et al. 2022, PaLM, Table 1"
 GPT3 = "Brown et al. 2020, Language Models are Few-Shot Learners (GPT-3), Table 2.1"
 SWITCH = "Fedus et al. 2021, Switch Transformers, Table 9"
+RETRO = "Borgeaud et al. 2021, Improving LMs by Retrieving from Trillions of Tokens, Table 9"
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,17 @@ def _palm(n_layers: int, n_heads: int, d_model: int) -> ModelConfig:
                        init="fan_in")
 
 
+def _retro(n_layers: int, n_heads: int, head_dim: int, d_model: int) -> ModelConfig:
+    """RETRO's models (Borgeaud et al. 2021, Table 9): Gopher's decoder at the table's shapes
+    (relative positions, RMSNorm, a 4·d_model GELU MLP, 2048 tokens of context) with a 128k
+    SentencePiece vocabulary (§2.3), and retrieval with the paper's settings: chunks of 64,
+    2 neighbours of 128 tokens, a 2-layer encoder of width 896, chunked cross-attention every
+    3rd layer from layer 6 (the default of model.retro.layers)."""
+    dense = _gopher(n_layers=n_layers, n_heads=n_heads, head_dim=head_dim, d_model=d_model)
+    return dataclasses.replace(dense, vocab_size=128_000,
+                               retro=RetroConfig(encoder_width=896, encoder_heads=14))
+
+
 _GOPHER_NOTES = ("Gopher does not say whether the embedding is tied; its published sizes count "
                  "the matrix once, which tying reproduces.")
 # PaLM's Table 1 counts are reproduced to the last digit when the layer-norm scales
@@ -105,6 +117,15 @@ _PALM_NOTES = ("Table 1's counts match to the last digit without the layer-norm 
 # are nearly all of it. These presets are the decoder stack alone, so about half.
 _SWITCH_NOTES = ("Decoder-only variant of an encoder-decoder model: the published count holds "
                  "both stacks (twice the experts, plus cross-attention); {}.")
+
+# RETRO's Table 9 counts leave the embedding out; so does the test that checks them. Above the
+# baseline: CCA (q, k, v, o, W_R) in each retrieval layer and the encoder (2 x (self-attention,
+# cross-attention, 4x GELU MLP) at width 896, plus a d_model -> 896 projection where they
+# differ); for 172M: 3 x (4·896·1024 + 896·1024) + 2 x (4·896² + 2·896² + 2·896² + 8·896²)
+# = 13.8M + 25.7M = 39.5M over 132.2M.
+_RETRO_NOTES = ("Table 9 counts leave the 128k embedding out: compare the non-embedding count. "
+                "The encoder's heads (14 of 64) are not published and change no count; CCA's "
+                "relative positions use Transformer-XL's W_R, u, v (see docs/retro.md).")
 
 _PRESETS: tuple[Preset, ...] = (
     # 2 x (4·64² + 3·64·176 + 2·64) + 64 + 2 x 4096·64 = 0.10M + 0.52M = 0.62M
@@ -193,6 +214,31 @@ _PRESETS: tuple[Preset, ...] = (
                    num_experts=2048, every=1),
            "Switch-C's decoder: 2048 experts in every block, 786B parameters, 0.77B active per "
            "token", SWITCH, None, _SWITCH_NOTES.format("Switch-C is 1571B")),
+    # The tiny models with retrieval: the same decoder, chunked cross-attention in layer 2 of
+    # nano's 4 and layers 3 and 6 of small's 6 (model.retro.layers' rule), chunks of 64, 2
+    # neighbours of 128 tokens, a 2-layer encoder of the decoder's width.
+    Preset("retro-nano", dataclasses.replace(_tiny(d_model=128, n_layers=4, n_heads=4),
+                                             retro=RetroConfig()),
+           "nano with RETRO's retrieval in block 2: 2.4M parameters, nano's decoder", "burrow"),
+    Preset("retro-small", dataclasses.replace(_tiny(d_model=192, n_layers=6, n_heads=6),
+                                              retro=RetroConfig()),
+           "small with RETRO's retrieval in blocks 3 and 6: 5.7M parameters, small's decoder",
+           "burrow"),
+    # Table 9, without embeddings: baseline 132M, 368M, 1,309M, 6,982M -> RETRO 172M, 425M,
+    # 1,451M, 7,532M. Ours: 132.2M -> 171.6M, 368.1M -> 427.0M, 1,308.8M -> 1,454.3M,
+    # 6,979.9M -> 7,539.7M.
+    Preset("retro-172m", _retro(n_layers=12, n_heads=16, head_dim=64, d_model=896),
+           "RETRO 172M (without embeddings): the 132M baseline with retrieval in layers 6, 9, 12",
+           RETRO, 172_000_000, _RETRO_NOTES),
+    Preset("retro-425m", _retro(n_layers=12, n_heads=12, head_dim=128, d_model=1536),
+           "RETRO 425M (without embeddings): the 368M baseline with retrieval in layers 6, 9, 12",
+           RETRO, 425_000_000, _RETRO_NOTES),
+    Preset("retro-1.5b", _retro(n_layers=24, n_heads=16, head_dim=128, d_model=2048),
+           "RETRO 1.5B (1,451M without embeddings): the 1,309M baseline with retrieval in 7 "
+           "layers", RETRO, 1_451_000_000, _RETRO_NOTES),
+    Preset("retro-7.5b", _retro(n_layers=32, n_heads=32, head_dim=128, d_model=4096),
+           "RETRO 7.5B (7,532M without embeddings): the 6,982M baseline with retrieval in 9 "
+           "layers", RETRO, 7_532_000_000, _RETRO_NOTES),
 )
 
 PRESETS: dict[str, Preset] = {preset.name: preset for preset in _PRESETS}

@@ -16,6 +16,7 @@ from burrow.config.model import (
     LayerSpec,
     ModelConfig,
     MoEConfig,
+    RetroConfig,
 )
 from burrow.config.run import DataConfig, DistillConfig, RunConfig, TrainConfig
 
@@ -31,6 +32,7 @@ __all__ = [
     "LayerSpec",
     "MoEConfig",
     "ModelConfig",
+    "RetroConfig",
     "RunConfig",
     "TrainConfig",
     "field_docs",

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, get_type_hints
+import types
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -57,10 +58,19 @@ def build_section(kind: type, values: dict[str, Any], section: str) -> Any:
         if key not in names:
             raise UserError(f"unknown field {section}.{key}{suggest(key, names, section)}")
     hints = get_type_hints(kind)
-    return kind(**{key: build_section(hints[key], value or {}, f"{section}.{key}")
-                   if dataclasses.is_dataclass(hints[key])
-                   else coerce(value, hints[key], f"{section}.{key}")
+    return kind(**{key: build_value(hints[key], value, f"{section}.{key}")
                    for key, value in values.items()})
+
+
+def build_value(hint: Any, value: Any, name: str) -> Any:
+    """A field's value: a section built from its dict (an optional section may be None), or a
+    plain value coerced to the field's type."""
+    if dataclasses.is_dataclass(hint):
+        return build_section(hint, value or {}, name)
+    optional = [arg for arg in get_args(hint) if dataclasses.is_dataclass(arg)]
+    if get_origin(hint) in (Union, types.UnionType) and optional:
+        return None if value is None else build_section(optional[0], value, name)
+    return coerce(value, hint, name)
 
 
 def suggest(name: str, names: list[str], section: str) -> str:

@@ -1,7 +1,10 @@
-"""The shape of a model: ModelConfig, its Switch section (MoEConfig) and per-layer parts."""
+"""The shape of a model: ModelConfig, its Switch (MoEConfig) and RETRO (RetroConfig) sections and
+per-layer parts."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from burrow import blocks
@@ -15,7 +18,6 @@ POSITION_KINDS = ("rope", "relative", "learned")
 BLOCK_KINDS = ("serial", "parallel")
 INIT_KINDS = ("gpt2", "fan_in")
 LOSS_KERNELS = ("auto", "chunked", "plain")
-
 
 
 @dataclass
@@ -80,6 +82,71 @@ class MoEConfig:
 
 
 @dataclass
+class RetroConfig:
+    """Retrieval from a chunk database (RETRO, Borgeaud et al. 2021, §2.4-2.5).
+
+    The sequence is split into chunks of `chunk_size` tokens; each chunk comes with `neighbours`
+    retrieved token sequences of chunk_size + continuation tokens. A small bidirectional
+    encoder reads them, and chunked cross-attention in the retrieval layers attends to them.
+    """
+
+    # Tokens per chunk, m (RETRO §2.3: 64).
+    chunk_size: int = 64
+    # Neighbours retrieved per chunk, k, in training (RETRO §2.4: 2; more may be given at eval).
+    neighbours: int = 2
+    # Tokens of a neighbour's continuation: a neighbour is chunk_size + continuation = r tokens
+    # (RETRO §2.3: 64, r = 128).
+    continuation: int = 64
+    # One-based decoder layers with chunked cross-attention; None = every 3rd from layer 6 for
+    # 12 or more layers (RETRO §B: 6, 9, 12 of 12), every 3rd from layer ceil(L/2) below.
+    layers: list[int] | None = None
+    # Layers of the bidirectional neighbour encoder (RETRO §2.4: 2).
+    encoder_layers: int = 2
+    # Width of the neighbour encoder; None = the decoder's d_model (RETRO Table 9: 896).
+    encoder_width: int | None = None
+    # Attention heads of the neighbour encoder; None = the decoder's n_heads.
+    encoder_heads: int | None = None
+    # Dropout in the neighbour encoder's attention and residual branches.
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def neighbour_length(self) -> int:
+        """r: tokens of one retrieved neighbour, its chunk and its continuation."""
+        return self.chunk_size + self.continuation
+
+    def layer_numbers(self, n_layers: int) -> list[int]:
+        """The one-based retrieval layers of an n_layers decoder, the default resolved."""
+        if self.layers is not None:
+            return list(self.layers)
+        first = min(6, math.ceil(n_layers / 2))
+        return list(range(first, n_layers + 1, 3))
+
+    def validate(self) -> None:
+        """Raise UserError naming the field and the fix if a value is invalid."""
+        for name in ("chunk_size", "neighbours", "encoder_layers"):
+            check_positive(getattr(self, name), f"model.retro.{name}")
+        if self.continuation < 0:
+            raise UserError(f"model.retro.continuation must be >= 0, got {self.continuation}")
+        for name in ("encoder_width", "encoder_heads"):
+            if getattr(self, name) is not None:
+                check_positive(getattr(self, name), f"model.retro.{name}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.retro.dropout must be in [0, 1), got {self.dropout}")
+        if self.layers is not None:
+            if (not isinstance(self.layers, (list, tuple)) or not self.layers
+                    or any(not isinstance(n, int) for n in self.layers)):
+                raise UserError("model.retro.layers must be a non-empty list of one-based layer "
+                                f"numbers (e.g. [6, 9, 12]), got {self.layers!r}")
+            if list(self.layers) != sorted(set(self.layers)):
+                raise UserError(f"model.retro.layers={self.layers} must be increasing, without "
+                                "repeats")
+            self.layers = list(self.layers)
+
+
+@dataclass
 class ModelConfig:
     """The shape of a decoder-only transformer language model."""
 
@@ -126,6 +193,8 @@ class ModelConfig:
     # Each block's parts, a list of n_layers {mixer, ffn, extras} (blocks.py); None = derived
     # from the fields above (attention and an MLP, Switch experts where moe makes them).
     layers: list[LayerSpec] | None = None
+    # Retrieval (RETRO): chunked cross-attention to encoded neighbours; None = no retrieval.
+    retro: RetroConfig | None = None
     # Output layer and loss: "chunked" (fused, in row chunks: model/loss.py), "plain" (logits,
     # then F.cross_entropy) or "auto" (chunked on a CPU, where it is measured faster; plain
     # elsewhere until measured there).
@@ -151,10 +220,35 @@ class ModelConfig:
 
     def layer_spec(self, layer: int) -> LayerSpec:
         """The parts of block `layer` (0-based): `layers[layer]` when given, else attention and
-        a dense MLP, Switch experts in the blocks moe.every makes sparse."""
+        a dense MLP, Switch experts in the blocks moe.every makes sparse; with retro set, the
+        retrieval layers get chunked cross-attention ("cca") after attention (RETRO §2.4:
+        ATTN, CCA, FFW), unless their explicit spec already names it."""
         if self.layers is not None:
-            return self.layers[layer]
-        return LayerSpec(ffn="switch" if self.moe.is_sparse(layer) else "mlp")
+            spec = self.layers[layer]
+        else:
+            spec = LayerSpec(ffn="switch" if self.moe.is_sparse(layer) else "mlp")
+        if layer in self.retrieval_layers and "cca" not in spec.extras:
+            spec = dataclasses.replace(spec, extras=(*spec.extras, "cca"))
+        return spec
+
+    @property
+    def retrieval_layers(self) -> list[int]:
+        """The blocks (0-based) with chunked cross-attention; empty without retro."""
+        if self.retro is None:
+            return []
+        return [number - 1 for number in self.retro.layer_numbers(self.n_layers)]
+
+    def retro_encoder(self) -> ModelConfig:
+        """The neighbour encoder's shape as a ModelConfig (its width, heads, layers, norm and
+        feed-forward kind; the MLP is 4x wide for GELU, 8/3x for SwiGLU), for building and
+        counting its parts."""
+        retro = self.retro
+        return ModelConfig(
+            vocab_size=self.vocab_size, d_model=retro.encoder_width or self.d_model,
+            n_layers=retro.encoder_layers, n_heads=retro.encoder_heads or self.n_heads,
+            ffn=self.ffn, norm=self.norm, positions="rope", bias=self.bias,
+            max_seq_len=max(retro.neighbour_length, 1), dropout=retro.dropout,
+            init=self.init, rope_theta=self.rope_theta, norm_eps=self.norm_eps)
 
     @property
     def sparse_layers(self) -> list[int]:
@@ -202,6 +296,7 @@ class ModelConfig:
         if isinstance(self.moe, dict):  # built from YAML or a dict
             self.moe = build_section(MoEConfig, self.moe, "model.moe")
         self.moe.validate()
+        self._validate_retro()
         self._validate_layers()
         if self.moe.enabled and not self.sparse_layers:
             raise UserError(f"model.moe.every={self.moe.every} leaves none of the "
@@ -209,6 +304,26 @@ class ModelConfig:
         if self.sparse_layers and not self.moe.enabled:
             raise UserError("model.layers has Switch blocks but model.moe.num_experts is 0; "
                             "set model.moe.num_experts")
+
+    def _validate_retro(self) -> None:
+        if isinstance(self.retro, dict):  # built from YAML or a dict
+            self.retro = build_section(RetroConfig, self.retro, "model.retro")
+        if self.retro is None:
+            return
+        self.retro.validate()
+        numbers = self.retro.layer_numbers(self.n_layers)
+        if not numbers or numbers[0] < 1 or numbers[-1] > self.n_layers:
+            raise UserError(f"model.retro.layers={numbers} must be between 1 and "
+                            f"model.n_layers={self.n_layers} (one-based)")
+        width = self.retro.encoder_width or self.d_model
+        heads = self.retro.encoder_heads or self.n_heads
+        if width % heads or (width // heads) % 2:
+            raise UserError(f"the neighbour encoder's width {width} must split into "
+                            f"{heads} heads of an even width (rotary positions); change "
+                            "model.retro.encoder_width or model.retro.encoder_heads")
+        if self.positions != "relative" and self.head_size % 2:
+            raise UserError("chunked cross-attention uses rotary positions, which need an even "
+                            f"model.head_dim, got {self.head_size}")
 
     def _validate_layers(self) -> None:
         if self.layers is None:
@@ -227,6 +342,10 @@ class ModelConfig:
                 raise UserError(f"model.layers[{index}] must be a mapping of mixer, ffn, extras")
             for role, name in spec.parts():
                 blocks.kind(role, name)
+            if "cca" in spec.extras and index not in self.retrieval_layers:
+                raise UserError(f"model.layers[{index}] has chunked cross-attention (cca) but is "
+                                "not a retrieval layer; set model.retro.layers to include "
+                                f"{index + 1}")
             specs.append(spec)
         self.layers = specs
         if len(specs) != self.n_layers:

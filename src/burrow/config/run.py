@@ -201,6 +201,8 @@ class RunConfig:
         raw = dataclasses.asdict(self)
         if raw["distill"] is None:  # an ordinary run: no section to show
             del raw["distill"]
+        if raw["model"]["retro"] is None:  # no retrieval: no section to show
+            del raw["model"]["retro"]
         if self.model.layers is None:  # derived from the other fields: nothing to show
             del raw["model"]["layers"]
         else:

@@ -41,6 +41,12 @@ class ForwardContext:
         simply causal or sees every key.
     statistics: whether parts should compute the statistics they report; off when decoding,
         which has no use for them.
+    neighbours (B, C, k, r): RETRO's retrieved token ids, k neighbours of r tokens for each of
+        the C complete chunks of the sequence (model/retro.py), or None: no retrieval, and
+        chunked cross-attention adds nothing.
+    embed: the model's token embedding, which RETRO's encoder shares (§2.4).
+    encoded_neighbours (B, C, k, r, d'): the neighbours as the encoder leaves them, set by
+        the first retrieval layer's part for the later ones; None before.
     aux: what the parts reported, in order.
 
     A plain object, not a dataclass or a container: wrappers such as FSDP copy the dataclasses
@@ -49,9 +55,12 @@ class ForwardContext:
 
     def __init__(self, positions: torch.Tensor, start: int | torch.Tensor = 0, *,
                  rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: Any = None,
-                 visible: torch.Tensor | None = None, statistics: bool = True):
+                 visible: torch.Tensor | None = None, statistics: bool = True,
+                 neighbours: torch.Tensor | None = None, embed: nn.Module | None = None):
         self.positions, self.start, self.rotary = positions, start, rotary
         self.cache, self.visible, self.statistics = cache, visible, statistics
+        self.neighbours, self.embed = neighbours, embed
+        self.encoded_neighbours: torch.Tensor | None = None
         self.aux: list[AuxTerm] = []
 
     def report(self, name: str, layer: int, value: torch.Tensor, *, loss: bool = False) -> None:

@@ -12,10 +12,12 @@ from burrow.config import ModelConfig
 from burrow.model.context import Init
 
 
-def rotary_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(cfg: ModelConfig, positions: torch.Tensor, head_size: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's tables (Su et al. 2021) for integer `positions`, each (T, D): the cosines of the
-    angles, and their sines with the first half negated, as `apply_rotary` uses them."""
-    half = cfg.head_size // 2
+    angles, and their sines with the first half negated, as `apply_rotary` uses them. D is
+    `head_size`, default the model's."""
+    half = (head_size or cfg.head_size) // 2
     exponents = torch.arange(half, device=positions.device, dtype=torch.float32) / half
     inverse_frequency = cfg.rope_theta ** -exponents
     angles = positions.float()[:, None] * inverse_frequency[None, :]  # (T, D/2)
@@ -37,8 +39,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 def sinusoid_table(length: int, dim: int, device: torch.device) -> torch.Tensor:
     """Sinusoidal encodings (Vaswani et al.) of 0..length-1, as in Transformer-XL: (L, dim)."""
-    inverse_frequency = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
-    angles = torch.arange(length, device=device).float()[:, None] * inverse_frequency[None, :]
+    return sinusoids(torch.arange(length, device=device), dim)
+
+
+def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal encodings of integer `positions` (L,), negative ones too: (L, dim)."""
+    exponents = torch.arange(0, dim, 2, device=positions.device).float() / dim
+    inverse_frequency = 1.0 / (10000 ** exponents)
+    angles = positions.float()[:, None] * inverse_frequency[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 

@@ -93,21 +93,28 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 cache: Any = None, start: int | torch.Tensor = 0, last_only: bool = False,
-                objective: Objective | None = None) -> ModelOutput:
+                objective: Objective | None = None,
+                neighbours: torch.Tensor | None = None) -> ModelOutput:
         """Logits for each position (or only the last with `last_only`), and the loss if labels.
 
         With a `cache` (infer/cache.py), input_ids continue a sequence whose first `start`
         tokens are cached; `start` may be a 0-dim tensor, so that a compiled decode step serves
         every position. `objective` replaces the loss against the labels (LanguageModelLoss):
-        distillation's mixes in a teacher.
+        distillation's mixes in a teacher. `neighbours` (B, C, k, r), for a model with
+        model.retro: the token ids of k retrieved neighbours for each of the C = T // m complete
+        chunks of input_ids (a partial last chunk has none: no position could use them, §2.4);
+        None runs the decoder alone (model/retro.py).
         """
         T = input_ids.shape[1]
         if isinstance(start, int) and start + T > self.cfg.max_seq_len:
             raise UserError(f"sequence of {start + T} tokens exceeds the model's context of "
                             f"{self.cfg.max_seq_len} (model.max_seq_len)")
+        if neighbours is not None:
+            self._check_neighbours(input_ids, neighbours, cache, start)
         positions = start + torch.arange(T, device=input_ids.device)
         ctx = ForwardContext(positions, start, cache=cache,
-                             statistics=cache is None or torch.is_grad_enabled())
+                             statistics=cache is None or torch.is_grad_enabled(),
+                             neighbours=neighbours, embed=self.embed)
         x = self.embed(input_ids)  # (B, T, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
@@ -133,6 +140,22 @@ class Transformer(nn.Module):
             terms = [term.value for term in ctx.aux if term.is_loss]
             out.loss = loss + sum(terms) if terms else loss
         return out
+
+    def _check_neighbours(self, input_ids: torch.Tensor, neighbours: torch.Tensor, cache: Any,
+                          start: int | torch.Tensor) -> None:
+        retro = self.cfg.retro
+        if retro is None:
+            raise UserError("neighbours were given to a model without retrieval (model.retro "
+                            "is unset); pass neighbours=None")
+        if cache is not None or not isinstance(start, int) or start != 0:
+            raise UserError("generation with retrieved neighbours is not supported yet; pass "
+                            "neighbours=None to generate with the decoder alone")
+        B, T = input_ids.shape
+        chunks = T // retro.chunk_size
+        if neighbours.dim() != 4 or tuple(neighbours.shape[:2]) != (B, chunks):
+            raise UserError(f"neighbours must be (batch, chunks, k, r) = ({B}, {chunks}, k, r) "
+                            f"for {T} tokens in chunks of {retro.chunk_size}, got "
+                            f"{tuple(neighbours.shape)}")
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)
