@@ -130,6 +130,9 @@ class DataConfig:
     # Tokenize with the run directory's own tokenizer.model instead of training one on the
     # data: fine-tuning a model whose vocabulary is fixed (e.g. one imported with import-hf).
     keep_tokenizer: bool = False
+    # RETRO: the chunk database (`burrow retro build`) a model with model.retro retrieves from;
+    # each chunk's neighbours are looked up once and stored in it.
+    retro_db: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +194,17 @@ class RunConfig:
                     f"the student {self.preset or 'model'} is sparse (model.moe.num_experts="
                     f"{self.model.moe.num_experts}); distillation makes a dense model (Switch "
                     "§4): choose a dense --student preset")
+        retro = self.model.retro
+        if retro is not None and self.data.retro_db is None:
+            raise UserError("a RETRO model (model.retro) trains with a chunk database: pass "
+                            "--retro-db DB (made by `burrow retro build`)")
+        if retro is None and self.data.retro_db is not None:
+            raise UserError(f"--retro-db {self.data.retro_db}: this model has no retrieval "
+                            "blocks; choose a retro- preset or set model.retro")
+        if retro is not None and self.train.seq_len % retro.chunk_size:
+            raise UserError(f"train.seq_len={self.train.seq_len} must be a multiple of "
+                            f"model.retro.chunk_size={retro.chunk_size} (RETRO retrieves for "
+                            "whole chunks)")
         if self.train.seq_len > self.model.max_seq_len:
             raise UserError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
