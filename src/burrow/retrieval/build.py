@@ -30,7 +30,7 @@ import numpy as np
 
 from burrow.data.shards import read_manifest, token_dtype
 from burrow.data.sources import STDLIB, iter_documents, source_fingerprint
-from burrow.data.tokenizer import Tokenizer
+from burrow.data.tokenizer import MODEL_FILE, Tokenizer
 from burrow.errors import UserError
 from burrow.files import replacing, write_text
 from burrow.paths import check_writable_dir
@@ -76,7 +76,8 @@ def build_database(source: str, tokenizer: Tokenizer, out: Path | str, *,
         _check_same(out, manifest["settings"], settings)
         if manifest["complete"]:
             return out
-    elif out.exists() and (not out.is_dir() or any(not _staging(f) for f in out.iterdir())):
+    elif out.exists() and (not out.is_dir()
+                           or any(not _left_by_chunking(f, tokenizer) for f in out.iterdir())):
         raise UserError(f"{out} already holds other files; choose an empty or new --out")
     check_writable_dir(out, "database directory", "choose another --out")
     index_params(index, 0, 8)  # an unknown kind is refused before any work
@@ -84,6 +85,8 @@ def build_database(source: str, tokenizer: Tokenizer, out: Path | str, *,
                                else manifest["encoder"]["dtype"])
     if manifest is None:
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in out.iterdir():
+            leftover.unlink()  # what a killed chunking phase left (checked above)
         manifest = _write_chunks(source, text_field, tokenizer, out, max_chunks, progress)
         manifest.update(format=FORMAT, version=FORMAT_VERSION, complete=False, settings=settings,
                         encoder={"name": keys_encoder.name, "dim": keys_encoder.dim,
@@ -107,9 +110,13 @@ def build_database(source: str, tokenizer: Tokenizer, out: Path | str, *,
     return out
 
 
-def _staging(file: Path) -> bool:
-    """A staging file a killed chunking phase left (files.staging_path names them)."""
-    return file.name.startswith(".") and ".tmp" in file.name
+def _left_by_chunking(file: Path, tokenizer: Tokenizer) -> bool:
+    """Whether a file in a directory without a manifest is one a killed chunking phase left (a
+    staging file, a chunk file, this tokenizer): the phase then starts again over them."""
+    if file.name == MODEL_FILE:
+        return file.is_file() and Tokenizer.load(file).fingerprint == tokenizer.fingerprint
+    staging = file.name.startswith(".") and ".tmp" in file.name  # files.staging_path's names
+    return file.is_file() and (staging or file.name in FILES.values())
 
 
 def _underlying_source(source: str, text_field: str) -> tuple[str, str]:

@@ -57,10 +57,12 @@ class MiniLMEncoder:
     def __init__(self, *, batch_size: int = DEFAULT_ENCODER_BATCH,
                  max_tokens: int = MAX_ENCODER_TOKENS, threads: int | None = None,
                  dtype: str = "auto"):
+        model_dir = minilm_model_dir()  # first: a missing package is said before slow imports
         import torch
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
-        model_dir = minilm_model_dir()
+        transformers_logging.disable_progress_bar()  # burrow prints its own progress line
         if dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"unknown encoder dtype {dtype!r}; use auto, float32 or bfloat16")
         # torch takes every core it sees by default; on a machine shared through an affinity
