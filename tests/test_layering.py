@@ -24,6 +24,9 @@ FORBIDDEN = {
         {"model", "data", "train", "parallel", "infer", "eval", "interop", "scaling", "commands",
          "cli", "run"})),
     "infer": {"data", "train", "parallel", "eval", "interop", "scaling"},
+    # the chunk database reads text and tokens (data/) and serves the model from outside
+    "retrieval": {"model", "train", "parallel", "infer", "eval", "interop", "scaling",
+                  "commands", "cli", "run"},
 }
 # Modules that must not import torch.distributed (nor check for its tensors)
 NO_DISTRIBUTED = ("model", "config", "presets", "blocks", "flops", "data")

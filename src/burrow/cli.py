@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     import_hf.add_argument("out", help="new run directory")
     _add_distill_command(commands)
     _add_scaling_commands(commands)
-    for verbs in (commands, data_commands, tokenizer_commands):  # named in "required" errors
+    retro_commands = _add_retro_commands(commands)
+    # named in "required" errors
+    for verbs in (commands, data_commands, tokenizer_commands, retro_commands):
         verbs.metavar = "{" + ",".join(verbs.choices) + "}"
     return parser
 
@@ -175,6 +177,37 @@ def _add_distill_command(commands: argparse._SubParsersAction) -> None:
     distill.add_argument("--json", action="store_true", help="print the report as one JSON "
                          "object")
     _add_train_flags(distill)
+
+
+def _add_retro_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    retro = commands.add_parser("retro", help="RETRO's chunk database: build, query")
+    retro_commands = retro.add_subparsers(dest="retro_command", required=True,
+                                          parser_class=Parser)
+    build = retro_commands.add_parser("build", help="embed a source's 64-token chunks with a "
+                                      "frozen encoder into a database with a faiss index; "
+                                      "rerun to continue an interrupted build")
+    build.add_argument("--data", required=True, help="stdlib, a file, a directory, a .jsonl "
+                       "file or a prepared directory")
+    _add_text_field(build)
+    build.add_argument("--tokenizer", required=True, help="a tokenizer.model file, or a run or "
+                       "prepared directory holding one")
+    build.add_argument("--out", required=True, help="database directory")
+    build.add_argument("--max-chunks", type=POSITIVE_INT, default=None,
+                       help="keep only the first N chunks, in document order")
+    build.add_argument("--index", default="auto", choices=("auto", "flat", "ivfpq", "opq"),
+                       help="auto: exact Flat up to 200,000 chunks, IVF-PQ beyond; opq: IVF-PQ "
+                       "after an OPQ rotation; default auto")
+    build.add_argument("--batch-size", type=POSITIVE_INT, default=256,
+                       help="chunks embedded between two progress records; default 256")
+
+    query = retro_commands.add_parser("query", help="the nearest chunks of a database to a text")
+    query.add_argument("database", help="database directory")
+    query.add_argument("--text", required=True, help="text to look up")
+    query.add_argument("--k", type=POSITIVE_INT, default=4, help="neighbours; default 4")
+    query.add_argument("--nprobe", type=POSITIVE_INT, default=None,
+                       help="IVF cells searched (IVF-PQ only); default the database's")
+    query.add_argument("--json", action="store_true", help="print one JSON object")
+    return retro_commands
 
 
 def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
@@ -290,9 +323,22 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _retro(args: argparse.Namespace) -> int:
+    from burrow.retrieval import commands as verbs
+
+    if args.retro_command == "build":
+        print(verbs.build_command(args))
+    else:
+        result = verbs.query_command(args)
+        print(json.dumps(result) if args.json else verbs.format_query(result))
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("plan", "sweep", "fit"):
         from burrow.scaling import commands as verbs
+    elif args.command == "retro":
+        return _retro(args)
     else:
         from burrow import commands as verbs
 
