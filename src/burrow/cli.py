@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="stdlib, a text file, a directory, a .jsonl file, or a "
                        "prepared directory; default stdlib")
     _add_text_field(train, None, "the config's, else text")
+    train.add_argument("--retro-db", metavar="DB", help="the chunk database a RETRO model "
+                       "(a retro- preset) retrieves from, made by `burrow retro build`")
     train.add_argument("--out", help="run directory; default runs/PRESET")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set model.d_model=384")

@@ -54,6 +54,9 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         cfg.data = dataclasses.replace(cfg.data, source=resolve_source(args.data))
     if args.text_field is not None:
         cfg.data = dataclasses.replace(cfg.data, text_field=args.text_field)
+    if getattr(args, "retro_db", None) is not None:
+        cfg.data = dataclasses.replace(cfg.data,
+                                       retro_db=str(Path(args.retro_db).expanduser().resolve()))
     return _with_train_flags(cfg, args), out
 
 

@@ -88,6 +88,7 @@ class BatchLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (inputs, targets), int64 tensors of shape (batch_size, seq_len)."""
         starts = [self._next_start() for _ in range(self.batch_size)]
+        self.last_starts = starts  # where the batch's windows begin: retrieval reads them
         windows = np.stack([self.dataset.window(s, self.seq_len + 1) for s in starts])
         windows = torch.from_numpy(windows.astype(np.int64))  # (B, T + 1)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from itertools import pairwise
 from typing import Any
@@ -23,21 +24,27 @@ from burrow.errors import UserError
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: TokenDataset, *, seq_len: int, batch_size: int = 8,
              device: torch.device | str = "cpu", max_tokens: int | None = None,
-             autocast: Any = None, num_bytes: int | None = None) -> dict[str, float]:
+             autocast: Any = None, num_bytes: int | None = None,
+             inputs_more: Callable[[list[int]], dict[str, Any]] | None = None
+             ) -> dict[str, float]:
     """Loss (nats per token), perplexity and bits per byte over a split, every token once.
 
     Bits per byte = total nats / ln 2 / UTF-8 bytes of the text. Every token of the split but
     the first is predicted (document separators included). With max_tokens, only a prefix is
     read and, unless `num_bytes` gives the prefix's exact size, its byte count is estimated in
-    proportion (`bytes_estimated` is then true).
+    proportion (`bytes_estimated` is then true). `inputs_more(starts)` gives the model's other
+    inputs for the windows starting at `starts` (a RETRO model's neighbours).
     """
     was_training = model.training
     model.eval()
-    total_nats, predicted = 0.0, 0
+    total_nats, predicted, first = 0.0, 0, 0
     for inputs, targets in eval_batches(dataset, batch_size, seq_len, max_tokens=max_tokens):
+        starts = list(range(first, first + len(inputs) * seq_len, seq_len))
+        first += len(inputs) * seq_len
+        more = inputs_more(starts) if inputs_more else {}
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast or nullcontext():
-            out = model(inputs, targets)
+            out = model(inputs, targets, **more)
         count = int((targets != -100).sum())
         total_nats += float(out.cross_entropy) * count
         predicted += count

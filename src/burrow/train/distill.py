@@ -169,16 +169,17 @@ class Distiller(Trainer):
             self.teacher = None  # the initialisation baseline: no need to hold it any longer
         self.soft_cross_entropy: float | None = None
 
-    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, **inputs_more: Any
+                     ) -> ModelOutput:
         spec = self.cfg.distill
         if self.teacher is None:
             # Switch Table 6's initialisation baseline: the teacher's non-expert weights, then
             # the labels alone.
-            return self.forward(inputs, targets,
+            return self.forward(inputs, targets, **inputs_more,
                                 objective=DistillationLoss(None, spec.label_weight, 0.0))
         with torch.no_grad():
             teacher_logits = self.teacher(inputs).logits
-        out = self.forward(inputs, targets, objective=DistillationLoss(
+        out = self.forward(inputs, targets, **inputs_more, objective=DistillationLoss(
             teacher_logits, spec.label_weight, spec.teacher_weight))
         self.soft_sum += out.metrics["soft_cross_entropy"]
         return out

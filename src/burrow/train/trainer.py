@@ -129,6 +129,14 @@ class Trainer:
             text = split_text(self.val_data, self.tokenizer, max_tokens=limit)
             self.eval_bytes, self.yardstick = len(text), compressor_bits_per_byte(text)
         self.prepared = prepared
+        self.retrieval = None
+        if cfg.model.retro is not None:  # neighbours looked up once (rank 0), then read
+            from burrow.train.retrieval import Retrieval
+
+            splits = ("train", "val") if self.val_data is not None else ("train",)
+            self.retrieval = Retrieval(cfg, prepared, splits=splits,
+                                       is_main=self.runtime.is_main,
+                                       barrier=self.runtime.barrier, progress=self.verbose)
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
@@ -141,7 +149,8 @@ class Trainer:
         self.tokens_per_step = self.accumulation * micro_tokens
         self.loader = BatchLoader(self.train_data, cfg.train.micro_batch_size, cfg.train.seq_len,
                                   seed=cfg.train.seed, rank=self.runtime.rank,
-                                  world_size=self.dims.dp_degree)
+                                  world_size=self.dims.dp_degree,
+                                  align=cfg.model.retro.chunk_size if cfg.model.retro else 1)
         self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_window)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         dtype = torch.bfloat16 if self.autocast is not None else torch.float32
@@ -193,10 +202,18 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> ModelOutput:
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, **inputs_more: Any
+                     ) -> ModelOutput:
         """One micro-batch's forward pass: `.loss` is what is optimised. Subclasses change the
-        objective here (train/distill.py); the step around it stays the same."""
-        return self.forward(inputs, targets)
+        objective here (train/distill.py); the step around it stays the same. `inputs_more`
+        are the model's other inputs for the batch (a RETRO model's neighbours)."""
+        return self.forward(inputs, targets, **inputs_more)
+
+    def batch_inputs(self, split: str, starts: list[int]) -> dict[str, Any]:
+        """The model's inputs besides the tokens for windows starting at `starts`."""
+        if self.retrieval is None:
+            return {}
+        return self.retrieval.batch(split, starts, self.cfg.train.seq_len, device=self.device)
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimiser step over `accumulation` micro-batches: loss, cross-entropy, grad norm."""
@@ -207,12 +224,13 @@ class Trainer:
         cross_entropy_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.accumulation):
             inputs, targets = self.loader.next_batch()
+            more = self.batch_inputs("train", self.loader.last_starts)
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             # Gradients are reduced across ranks once, in the last micro-batch's backward.
             with gradient_sync(self.wrapped, micro_step == self.accumulation - 1):
                 with self.autocast or nullcontext():
-                    out = self.forward_loss(inputs, targets)
+                    out = self.forward_loss(inputs, targets, **more)
                 (out.loss / self.accumulation).backward()
             loss_sum += out.loss.detach()
             cross_entropy_sum += out.cross_entropy.detach()
@@ -355,7 +373,8 @@ class Trainer:
         result = evaluate(self.model, self.val_data, seq_len=self.cfg.train.seq_len,
                           batch_size=self.cfg.train.micro_batch_size, device=self.device,
                           max_tokens=self.cfg.train.eval_tokens or None, autocast=self.autocast,
-                          num_bytes=self.eval_bytes)
+                          num_bytes=self.eval_bytes,
+                          inputs_more=lambda starts: self.batch_inputs("val", starts))
         if not self.runtime.is_main:  # every rank evaluates (FSDP needs them all); one reports
             return result
         self.record({"step": self.step, "split": "val", "loss": result["loss"],
