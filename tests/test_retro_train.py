@@ -109,3 +109,60 @@ def test_a_database_is_required_and_must_fit(database, tmp_path):
     with pytest.raises(UserError, match=r"model\.retro\.continuation=64"):
         train(other, tmp_path / "run", verbose=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory) -> Path:
+    """A dense tiny run with 128-token windows, the base to retro-fit."""
+    cfg = tiny_run_config(seq_len=128, batch_tokens=512, max_steps=6, save_every=6)
+    cfg.model = dataclasses.replace(cfg.model, max_seq_len=128)
+    run = tmp_path_factory.mktemp("dense") / "run"
+    train(cfg, run, verbose=False)
+    return run
+
+
+def test_retro_fitting_trains_retrieval_alone_and_keeps_the_baseline_without_it(
+        database, dense_run, tmp_path):
+    from burrow.model.retro import retro_parameters
+    from burrow.run import load_run
+    from burrow.train.retrofit import retrofit_config
+
+    cfg = retrofit_config(dense_run, RetroConfig(layers=[2], encoder_layers=1))
+    cfg.data = dataclasses.replace(cfg.data, retro_db=str(database))
+    cfg.train = dataclasses.replace(cfg.train, max_steps=4, save_every=4)
+    run = tmp_path / "fit"
+    train(cfg, run, verbose=False)
+    base, _, _ = load_run(dense_run)
+    fitted, _, saved = load_run(run)
+    assert saved.retro_fit == str(dense_run.resolve())
+    added = retro_parameters(fitted)
+    base_state = base.state_dict()
+    for name, tensor in fitted.state_dict().items():
+        if name in added:
+            continue
+        assert torch.equal(tensor, base_state[name]), name  # frozen, bit for bit
+    cca = [tensor for name, tensor in added.items() if "o_proj" in name]
+    assert cca and any(tensor.abs().sum() > 0 for tensor in cca)  # retrieval has trained
+    ids = torch.randint(0, 512, (2, 128), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fitted(ids).logits, base(ids).logits)  # retrieval off: the baseline
+
+
+def test_retro_fit_from_the_command_line(database, dense_run, tmp_path, capsys):
+    from burrow.cli import main
+
+    out = tmp_path / "fit"
+    assert main(["train", "--retro-fit", str(dense_run), "--retro-db", str(database), "--out",
+                 str(out), "--max-steps", "2", "--set", "model.retro.layers=[2]"]) == 0
+    assert "retro-fit: the decoder of" in capsys.readouterr().out
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "3"]) == 0
+    for argv, words in [
+        (["--retro-fit", str(dense_run), "--out", str(tmp_path / "a")], "--retro-db DB"),
+        (["--retro-fit", str(dense_run), "--preset", "nano", "--retro-db", str(database)],
+         "drop --preset"),
+        (["--retro-fit", str(tmp_path / "nowhere"), "--retro-db", str(database)],
+         "not a run directory"),
+    ]:
+        assert main(["train", *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], lines

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_field(train, None, "the config's, else text")
     train.add_argument("--retro-db", metavar="DB", help="the chunk database a RETRO model "
                        "(a retro- preset) retrieves from, made by `burrow retro build`")
+    train.add_argument("--retro-fit", metavar="RUN", help="add retrieval to the trained run RUN: "
+                       "its weights frozen, only the encoder and chunked cross-attention "
+                       "train (RETRO §4.4); needs --retro-db")
     train.add_argument("--out", help="run directory; default runs/PRESET")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set model.d_model=384")

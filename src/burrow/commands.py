@@ -35,7 +35,10 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 
     out = run_dir_of(args)
     saved = out / "config.yaml"
+    retro_fit = getattr(args, "retro_fit", None)
     if args.resume and saved.is_file():
+        if retro_fit:
+            raise UserError(f"--resume continues {out} as it was started; drop --retro-fit")
         if args.config:
             raise UserError(f"--resume continues {out} with its own config.yaml; drop "
                             "--config, and change fields with flags or --set")
@@ -43,6 +46,12 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         if args.preset and args.preset != cfg.preset:
             raise UserError(f"{out} was trained with preset {cfg.preset}, not {args.preset}; "
                             "drop --preset to resume it")
+    elif retro_fit:
+        from burrow.train.retrofit import retrofit_config
+
+        if args.preset or args.config:
+            raise UserError("--retro-fit RUN takes RUN's model; drop --preset and --config")
+        cfg = retrofit_config(retro_fit)
     elif args.config:
         cfg = RunConfig.load(Path(args.config), partial=True)
         if args.preset:
@@ -81,13 +90,11 @@ def _with_train_flags(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from burrow.train import Trainer, train
-    from burrow.train.distill import Distiller
+    from burrow.train import train
 
     check_places(run_dir_of(args), "choose another --out")
     cfg, out = run_config_from_args(args)
-    summary = train(cfg, out, resume=args.resume, allow_data_change=args.allow_data_change,
-                    trainer_class=Distiller if cfg.distill is not None else Trainer)
+    summary = train(cfg, out, resume=args.resume, allow_data_change=args.allow_data_change)
     return 0 if not summary["interrupted"] else 130
 
 

@@ -181,6 +181,9 @@ class RunConfig:
     preset: str | None = None
     # Set in runs made by `burrow distill`: the teacher and the weights of the loss.
     distill: DistillConfig | None = None
+    # Set in runs made by `burrow train --retro-fit RUN`: the trained run whose weights the
+    # RETRO model starts from and keeps frozen (RETRO §4.4).
+    retro_fit: str | None = None
 
     def validate(self) -> None:
         """Check each part and the constraints between them."""
@@ -201,6 +204,8 @@ class RunConfig:
         if retro is None and self.data.retro_db is not None:
             raise UserError(f"--retro-db {self.data.retro_db}: this model has no retrieval "
                             "blocks; choose a retro- preset or set model.retro")
+        if self.retro_fit is not None and retro is None:
+            raise UserError("retro-fitting adds retrieval to a model: model.retro must be set")
         if retro is not None and self.train.seq_len % retro.chunk_size:
             raise UserError(f"train.seq_len={self.train.seq_len} must be a multiple of "
                             f"model.retro.chunk_size={retro.chunk_size} (RETRO retrieves for "
@@ -215,6 +220,8 @@ class RunConfig:
         raw = dataclasses.asdict(self)
         if raw["distill"] is None:  # an ordinary run: no section to show
             del raw["distill"]
+        if raw["retro_fit"] is None:
+            del raw["retro_fit"]
         if raw["model"]["retro"] is None:  # no retrieval: no section to show
             del raw["model"]["retro"]
         if self.model.layers is None:  # derived from the other fields: nothing to show
@@ -230,11 +237,12 @@ class RunConfig:
                  for name, kind in (("model", ModelConfig), ("train", TrainConfig),
                                     ("data", DataConfig))}
         preset, distill = raw.pop("preset", None), raw.pop("distill", None)
+        retro_fit = raw.pop("retro_fit", None)
         if raw:
             raise UserError(f"unknown config section(s): {', '.join(sorted(raw))}")
         if distill is not None:
             distill = build_section(DistillConfig, distill, "distill")
-        cfg = cls(preset=preset, distill=distill, **parts)
+        cfg = cls(preset=preset, distill=distill, retro_fit=retro_fit, **parts)
         cfg.validate()
         return cfg
 

@@ -140,6 +140,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
+        self.prepare_model()
         self.wrapped = parallelize(self.model, self.dims, self.device,
                                    bf16=self.autocast is not None)
         self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
@@ -174,6 +175,10 @@ class Trainer:
             return str(self.device)
         experts = f", experts split over {self.dims.ep} ranks" if self.dims.ep > 1 else ""
         return f"{self.runtime.world_size} x {self.device.type} ({self.dims.mode}{experts})"
+
+    def prepare_model(self) -> None:
+        """Change the fresh model before it is wrapped and its optimiser built: subclasses load
+        weights or freeze parameters here (train/retrofit.py)."""
 
     def commit(self) -> None:
         """The run goes on: write its files (rank 0) and say what the resume changed."""
@@ -439,8 +444,17 @@ class Trainer:
 
 def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
           allow_data_change: bool = False, verbose: bool = True,
-          trainer_class: type[Trainer] = Trainer) -> dict[str, Any]:
-    """Train a model as `cfg` says into `run_dir`; return a summary (step, losses, last eval)."""
+          trainer_class: type[Trainer] | None = None) -> dict[str, Any]:
+    """Train a model as `cfg` says into `run_dir`; return a summary (step, losses, last eval).
+
+    The trainer is the one the config calls for (a distillation's, a retro-fitting's) unless
+    `trainer_class` names another."""
+    if trainer_class is None:
+        from burrow.train.distill import Distiller
+        from burrow.train.retrofit import RetroFitter
+
+        trainer_class = (RetroFitter if cfg.retro_fit is not None else
+                         Distiller if cfg.distill is not None else Trainer)
     started = time.perf_counter()
     trainer = trainer_class(cfg, run_dir, resume=resume, allow_data_change=allow_data_change,
                             verbose=verbose)
