@@ -96,7 +96,8 @@ def test_windows_start_at_whole_chunks(database, tmp_path):
 
 def test_a_database_is_required_and_must_fit(database, tmp_path):
     with pytest.raises(UserError, match="--retro-db DB"):
-        retro_config(None).validate()
+        train(retro_config(None), tmp_path / "no-db", verbose=False)
+    assert not any((tmp_path / "no-db").iterdir())
     dense = tiny_run_config()
     dense.data = dataclasses.replace(dense.data, retro_db=str(database))
     with pytest.raises(UserError, match="no retrieval blocks"):

@@ -198,9 +198,6 @@ class RunConfig:
                     f"{self.model.moe.num_experts}); distillation makes a dense model (Switch "
                     "§4): choose a dense --student preset")
         retro = self.model.retro
-        if retro is not None and self.data.retro_db is None:
-            raise UserError("a RETRO model (model.retro) trains with a chunk database: pass "
-                            "--retro-db DB (made by `burrow retro build`)")
         if retro is None and self.data.retro_db is not None:
             raise UserError(f"--retro-db {self.data.retro_db}: this model has no retrieval "
                             "blocks; choose a retro- preset or set model.retro")

@@ -107,6 +107,9 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         checkpoint = checkpoint_to_continue(self.run_dir, self.resume)
+        if cfg.model.retro is not None and cfg.data.retro_db is None:
+            raise UserError("a RETRO model (model.retro) trains with a chunk database: pass "
+                            "--retro-db DB (made by `burrow retro build`)")
         self.notes: list[str] = []
         if checkpoint is not None:
             self.notes = on_rank_zero(self.runtime, lambda: check_resume(
