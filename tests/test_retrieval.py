@@ -125,14 +125,15 @@ def test_flat_index_neighbours_equal_brute_force(db_path):
     np.testing.assert_allclose(distances, np.sort(exact, axis=1)[:, :8], rtol=1e-4, atol=1e-4)
 
 
-def test_ivfpq_recall_at_10_against_exact_search():
+@pytest.mark.parametrize("kind", ["ivfpq", "opq"])
+def test_ivfpq_recall_at_10_against_exact_search(kind):
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 4, (64, 32))
     keys = (centres[rng.integers(0, 64, 20_000)] + rng.normal(0, 1, (20_000, 32))).astype(
         np.float32)
     queries = keys[rng.choice(len(keys), 200)] + rng.normal(0, 0.5, (200, 32)).astype(np.float32)
-    params = index_params("ivfpq", len(keys), keys.shape[1])
-    assert params["factory"] == "IVF512,PQ4" and params["kind"] == "ivfpq"
+    params = index_params(kind, len(keys), keys.shape[1])
+    assert params["factory"] == ("OPQ4," if kind == "opq" else "") + "IVF512,PQ4"
     exact = search(build_index(keys, {"kind": "flat", "factory": "Flat"}), {"kind": "flat"},
                    keys, queries, 10)[1]
     found = search(build_index(keys, params), params, keys, queries, 10, nprobe=32)[1]
@@ -255,3 +256,47 @@ def test_minilm_keys_are_the_mask_mean_of_transformers_hidden_states():
     fast = get_encoder("minilm", dtype="bfloat16").embed(texts)
     cosine = (fast * keys).sum(1) / np.linalg.norm(fast, axis=1) / np.linalg.norm(keys, axis=1)
     assert np.all(cosine > 0.999)
+
+
+def test_neighbours_resume_after_an_interruption_to_the_same_ids(db_path, prepared):
+    db = open_database(db_path)
+    compute_neighbours(db, prepared, "val", k=2, batch=8, progress=False)
+    whole = np.array(open_neighbours(db, prepared, "val"))
+    compute_neighbours(db, prepared, "val", k=3, batch=8, progress=False)  # other settings
+    assert open_neighbours(db, prepared, "val").shape == (len(whole), 3)
+    compute_neighbours(db, prepared, "val", k=2, batch=8, progress=False, stop_after=2)
+    with pytest.raises(UserError, match="no complete neighbours"):
+        open_neighbours(db, prepared, "val")
+    compute_neighbours(db, prepared, "val", k=2, batch=8, progress=False)
+    assert np.array_equal(open_neighbours(db, prepared, "val"), whole) and len(whole) > 16
+
+
+def test_a_killed_chunking_phase_is_started_again(tokenizer, tmp_path):
+    out = tmp_path / "db"
+    out.mkdir()
+    (out / ".values.bin.123-abcd.tmp.bin").write_bytes(b"half")
+    (out / "values.bin").write_bytes(b"junk")
+    tokenizer.save(out)
+    build(tokenizer, out, max_chunks=100)
+    assert open_database(out).num_chunks == 100
+    assert not any(p.name.startswith(".") for p in out.iterdir())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already holds other files"):
+        build(tokenizer, tmp_path / "other", max_chunks=100)
+
+
+def test_retro_build_and_query_with_minilm_end_to_end(tokenizer, prepared, tmp_path, capsys):
+    out = tmp_path / "db"
+    assert main(["retro", "build", "--data", str(CORPUS), "--tokenizer", str(prepared),
+                 "--out", str(out), "--max-chunks", "48", "--batch-size", "16"]) == 0
+    assert "48 chunks" in capsys.readouterr().out
+    manifest = json.loads((out / "database.json").read_text())
+    assert manifest["encoder"]["name"] == "minilm" and manifest["encoder"]["dim"] == 384
+    assert manifest["index"]["kind"] == "flat" and manifest["complete"] is True
+    db = open_database(out)
+    ids, _ = db.query([db.text(5)], k=1)
+    assert ids[0, 0] == 5  # a chunk's own text finds it
+    assert main(["retro", "query", str(out), "--text", db.text(7), "--k", "2", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["neighbours"]
+    assert found[0]["offset"] == int(db.offsets[7]) and found[0]["distance"] < 1e-3

@@ -205,7 +205,8 @@ def _add_retro_commands(commands: argparse._SubParsersAction) -> argparse._SubPa
     build.add_argument("--batch-size", type=POSITIVE_INT, default=256,
                        help="chunks embedded between two progress records; default 256")
 
-    query = retro_commands.add_parser("query", help="the nearest chunks of a database to a text")
+    query = retro_commands.add_parser("query", help="the nearest chunks of a database to a text, "
+                                      "with their squared L2 distances")
     query.add_argument("database", help="database directory")
     query.add_argument("--text", required=True, help="text to look up")
     query.add_argument("--k", type=POSITIVE_INT, default=4, help="neighbours; default 4")

@@ -184,9 +184,9 @@ def _embed(out: Path, manifest: dict[str, Any], tokenizer: Tokenizer, encoder, b
     offsets = np.memmap(out / FILES["offsets"], dtype=np.int64, mode="r", shape=(n,))
     document_tokens = np.array([d["tokens"] for d in manifest["documents"]], dtype=np.int64)
     keys_file = out / FILES["keys"]
-    done = embedded_count(out) if keys_file.is_file() else 0
-    keys = np.memmap(keys_file, dtype=np.float32, mode="r+" if keys_file.is_file() else "w+",
-                     shape=(n, dim))
+    whole = keys_file.is_file() and keys_file.stat().st_size == n * dim * 4  # else made anew
+    done = embedded_count(out) if whole else 0
+    keys = np.memmap(keys_file, dtype=np.float32, mode="r+" if whole else "w+", shape=(n, dim))
     started, last_report = time.perf_counter(), 0.0
     first = done
     for batches, start in enumerate(range(done, n, batch), start=1):

