@@ -16,6 +16,7 @@ import pytest
 
 from burrow.cli import main
 from burrow.data import TokenDataset, train_tokenizer
+from burrow.errors import UserError
 from burrow.eval import evaluate, split_text
 from burrow.eval.evaluate import token_nats
 from burrow.eval.retro import chunk_totals
@@ -188,6 +189,10 @@ def test_bad_inputs_are_refused_in_one_line_and_change_nothing(runs, database, t
         "baseline .* has another tokenizer": [runs["retro"], "--retro-db", database,
                                               "--baseline", other_baseline],
         "need --retro-db": [runs["retro"], "--baseline", runs["dense"]],
+        "plot directory": [runs["retro"], "--retro-db", database, "--plot",
+                           runs["retro"] / "config.yaml" / "bpb.png"],
+        "does not exist": [runs["retro"], "--retro-db", database, "--data",  # after the checks
+                           tmp_path / "nothing"],
     }
     capsys.readouterr()
     for message, args in cases.items():
@@ -200,3 +205,18 @@ def test_bad_inputs_are_refused_in_one_line_and_change_nothing(runs, database, t
         assert err.count("\n") == 1 and err.startswith("burrow: error:"), err
         assert re.search(message, err), (message, err)
         assert snapshot(*watched) == before, message
+
+
+def test_a_run_that_cannot_be_written_is_evaluated_without_the_default_plot(
+        runs, database, monkeypatch, capsys):  # noqa: F811
+    import burrow.commands
+
+    def read_only(path, what, fix):
+        raise UserError(f"{what} {path} cannot be written (read-only file system); {fix}")
+
+    monkeypatch.setattr(burrow.commands, "check_writable_dir", read_only)
+    before = snapshot(runs["retro"])
+    code, out = cli("eval", runs["retro"], "--retro-db", database, "--json")
+    assert code == 0 and json.loads(out)["plot"] is None
+    assert "no plot" in capsys.readouterr().err
+    assert snapshot(runs["retro"]) == before

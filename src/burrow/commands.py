@@ -206,16 +206,17 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
         result["baseline"] = {"run": str(baseline[0]), **result["baseline"]}
         curves[f"{baseline[0].name} (baseline)"] = result["baseline"]["filtered"]
     # written last, so that an evaluation that fails leaves the run directory as it was
-    result["plot"] = str(plot_filtered(curves, plot))
+    result["plot"] = None if plot is None else str(plot_filtered(curves, plot))
     return {**result, **compressor_bits_per_byte(text), "data": described}
 
 
 def _check_retro_eval(args: argparse.Namespace, cfg: RunConfig, tokenizer: Any,
-                      device: torch.device) -> tuple[Path, tuple[Path, Any, int] | None]:
+                      device: torch.device) -> tuple[Path | None, tuple[Path, Any, int] | None]:
     """Refuse, before any work, what `eval --retro-db` cannot do: a model without retrieval,
     a database that is missing, half built or made for another tokenizer or chunk size, more
     neighbours than are stored, a baseline with another tokenizer, a plot that cannot be
-    written. Returns the plot's path and (baseline run, model, seq_len) or None."""
+    written. Returns the plot's path (None: the run cannot be written, and no --plot) and
+    (baseline run, model, seq_len) or None."""
     from burrow.retrieval import open_database
     from burrow.retrieval.neighbours import DEFAULT_K
     from burrow.run import load_run
@@ -243,9 +244,17 @@ def _check_retro_eval(args: argparse.Namespace, cfg: RunConfig, tokenizer: Any,
             raise UserError(f"the baseline {args.baseline} has another tokenizer than "
                             f"{args.run}; compare runs trained with the same tokenizer")
         baseline = (Path(args.baseline), dense, dense_cfg.train.seq_len)
-    plot = Path(args.plot) if args.plot else Path(args.run) / "filtered_bpb.png"
-    check_writable_dir(plot.parent, "plot directory", "pass --plot PATH elsewhere")
-    return plot, baseline
+    if args.plot:
+        check_writable_dir(Path(args.plot).parent, "plot directory", "pass --plot PATH "
+                           "elsewhere")
+        return Path(args.plot), baseline
+    try:
+        check_writable_dir(args.run, "run directory", "pass --plot PATH")
+    except UserError:  # a read-only run is still evaluated
+        print(f"burrow: note: {args.run} cannot be written; no plot (pass --plot PATH)",
+              file=sys.stderr)
+        return None, baseline
+    return Path(args.run) / "filtered_bpb.png", baseline
 
 
 def format_eval(result: dict[str, Any]) -> str:
@@ -256,24 +265,9 @@ def format_eval(result: dict[str, Any]) -> str:
             f"{result['gzip_bits_per_byte']:.3f}, xz -9e: {result['xz_bits_per_byte']:.3f})")
     if "filtered" not in result:
         return text
-    retrieval, baseline = result["retrieval"], result.get("baseline")
-    lines = [text, f"            with k={retrieval['k']} neighbours per "
-             f"{retrieval['chunk_size']}-token chunk; without retrieval "
-             f"{result['bits_per_byte_no_retrieval']:.3f}",
-             "bits/byte of the chunks whose overlap with their neighbours is <= alpha:",
-             f"{'alpha':>7} {'chunks':>7} {'retrieval':>10} {'off':>7}"
-             + (f" {'baseline':>9}" if baseline else "")]
-    for alpha, entry in result["filtered"].items():
-        values = [entry["bits_per_byte"], result["filtered_no_retrieval"][alpha]["bits_per_byte"]]
-        if baseline:
-            values.append(baseline["filtered"][alpha]["bits_per_byte"])
-        shown = ["-" if v is None else f"{v:.3f}" for v in values]
-        lines.append(f"{100 * float(alpha):>6g}% {entry['chunks']:>7,} {shown[0]:>10} "
-                     f"{shown[1]:>7}" + (f" {shown[2]:>9}" if baseline else ""))
-    if baseline:
-        lines.append(f"baseline {baseline['run']}: {baseline['bits_per_byte']:.3f} bits/byte")
-    lines.append(f"plot: {result['plot']}")
-    return "\n".join(lines)
+    from burrow.eval.retro import format_retro
+
+    return f"{text}\n{format_retro(result)}"
 
 
 # Printed between the samples of `burrow generate --num-samples N`.

@@ -107,3 +107,26 @@ def evaluate_retro(model: nn.Module, dataset: TokenDataset, tokenizer: Tokenizer
         result["baseline"] = {key: plain[key] for key in ("loss", "perplexity", "bits_per_byte")}
         result["baseline"]["filtered"] = dense_filtered
     return result
+
+
+def format_retro(result: dict[str, Any]) -> str:
+    """The lines `burrow eval` prints after the plain report: retrieval off, the bpb(alpha)
+    table of retrieval on, off and the baseline, the plot."""
+    retrieval, baseline = result["retrieval"], result.get("baseline")
+    lines = [f"            with k={retrieval['k']} neighbours per {retrieval['chunk_size']}"
+             f"-token chunk; without retrieval {result['bits_per_byte_no_retrieval']:.3f}",
+             "bits/byte of the chunks whose overlap with their neighbours is <= alpha:",
+             f"{'alpha':>7} {'chunks':>7} {'retrieval':>10} {'off':>7}"
+             + (f" {'baseline':>9}" if baseline else "")]
+    for alpha, entry in result["filtered"].items():
+        values = [entry["bits_per_byte"], result["filtered_no_retrieval"][alpha]["bits_per_byte"]]
+        if baseline:
+            values.append(baseline["filtered"][alpha]["bits_per_byte"])
+        shown = ["-" if v is None else f"{v:.3f}" for v in values]
+        lines.append(f"{100 * float(alpha):>6g}% {entry['chunks']:>7,} {shown[0]:>10} "
+                     f"{shown[1]:>7}" + (f" {shown[2]:>9}" if baseline else ""))
+    if baseline:
+        lines.append(f"baseline {baseline['run']}: {baseline['bits_per_byte']:.3f} bits/byte")
+    if result["plot"]:
+        lines.append(f"plot: {result['plot']}")
+    return "\n".join(lines)
