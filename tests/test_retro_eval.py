@@ -220,3 +220,15 @@ def test_a_run_that_cannot_be_written_is_evaluated_without_the_default_plot(
     assert code == 0 and json.loads(out)["plot"] is None
     assert "no plot" in capsys.readouterr().err
     assert snapshot(runs["retro"]) == before
+
+
+def test_other_text_and_a_prefix_are_filtered_too(runs, database):  # noqa: F811
+    """--data: a tokenized source gets its neighbours looked up (its own document excluded);
+    --max-tokens: the chunks cover the prefix, and alpha = 1 is still the plain figure."""
+    for extra in (["--data", CORPUS / "abc.py"], ["--max-tokens", 1000]):
+        code, out = cli("eval", runs["retro"], "--retro-db", database, "--json", *extra)
+        assert code == 0
+        result = json.loads(out)
+        assert result["filtered"]["1"]["bits_per_byte"] == result["bits_per_byte"]
+        assert result["retrieval"]["chunks"] == -(-(result["tokens"] + 1) // 64)
+        assert not result["bytes_estimated"]
