@@ -161,7 +161,8 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     device = _device(args.device)
     model, tokenizer, cfg = load_run(args.run, device=device)
     retro_db = getattr(args, "retro_db", None)
-    if retro_db is None and (args.k is not None or args.baseline or args.plot):
+    if retro_db is None and any(getattr(args, name, None) is not None
+                                for name in ("k", "baseline", "plot")):
         raise UserError("--k, --baseline and --plot need --retro-db DB")
     if retro_db is not None:
         plot, baseline = _check_retro_eval(args, cfg, tokenizer, device)
@@ -199,7 +200,7 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate_retro(model, dataset, tokenizer, retrieval, dataset.split,
                             seq_len=cfg.train.seq_len, k=k, batch_size=args.batch_size,
                             device=device, max_tokens=args.max_tokens, num_bytes=len(text),
-                            baseline=baseline and baseline[1:])
+                            baseline=None if baseline is None else baseline[1:])
     curves = {f"{Path(args.run).name} (RETRO, k={k})": result["filtered"],
               f"{Path(args.run).name} without retrieval": result["filtered_no_retrieval"]}
     if baseline is not None:
