@@ -153,7 +153,8 @@ def _device(name: str) -> torch.device:
 
 
 def eval_command(args: argparse.Namespace) -> dict[str, Any]:
-    """Loss, perplexity, bits per byte, and gzip/xz bits per byte on the same bytes."""
+    """Loss, perplexity, bits per byte, and gzip/xz bits per byte on the same bytes; for a RETRO
+    run with --retro-db, the same with retrieval and without and bpb(alpha) (eval/retro.py)."""
     from burrow.data import (
         TokenDataset,
         Tokenizer,
@@ -166,6 +167,15 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
 
     device = _device(args.device)
     model, tokenizer, cfg = load_run(args.run, device=device)
+    retro_db = getattr(args, "retro_db", None)
+    if retro_db is None and any(getattr(args, name, None) is not None
+                                for name in ("k", "baseline", "plot")):
+        raise UserError("--k, --baseline and --plot need --retro-db DB")
+    if retro_db is not None:
+        plot, baseline = _check_retro_eval(args, cfg, tokenizer, device)
+    elif cfg.model.retro is not None:
+        print(f"burrow: note: {args.run} is a RETRO model; evaluating it without retrieval "
+              "(pass --retro-db DB to evaluate with its neighbours)", file=sys.stderr)
     if args.data:
         dataset, described = tokenize_source(resolve_source(args.data), tokenizer,
                                              text_field=args.text_field or cfg.data.text_field
@@ -182,17 +192,90 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_tokens is not None:
         predicted = min(predicted, args.max_tokens)
     text = split_text(dataset, tokenizer, max_tokens=predicted + 1)
-    result = evaluate(model, dataset, seq_len=cfg.train.seq_len, batch_size=args.batch_size,
-                      device=device, max_tokens=args.max_tokens, num_bytes=len(text))
+    if retro_db is None:
+        result = evaluate(model, dataset, seq_len=cfg.train.seq_len, batch_size=args.batch_size,
+                          device=device, max_tokens=args.max_tokens, num_bytes=len(text))
+        return {**result, **compressor_bits_per_byte(text), "data": described}
+    from burrow.eval.leakage import plot_filtered
+    from burrow.eval.retro import evaluate_retro
+    from burrow.train.retrieval import Retrieval
+
+    retro_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, retro_db=str(Path(retro_db).expanduser().resolve())))
+    retrieval = Retrieval(retro_cfg, dataset.directory, splits=[dataset.split], progress=False)
+    k = args.k or cfg.model.retro.neighbours
+    result = evaluate_retro(model, dataset, tokenizer, retrieval, dataset.split,
+                            seq_len=cfg.train.seq_len, k=k, batch_size=args.batch_size,
+                            device=device, max_tokens=args.max_tokens, num_bytes=len(text),
+                            baseline=None if baseline is None else baseline[1:])
+    curves = {f"{Path(args.run).name} (RETRO, k={k})": result["filtered"],
+              f"{Path(args.run).name} without retrieval": result["filtered_no_retrieval"]}
+    if baseline is not None:
+        result["baseline"] = {"run": str(baseline[0]), **result["baseline"]}
+        curves[f"{baseline[0].name} (baseline)"] = result["baseline"]["filtered"]
+    # written last, so that an evaluation that fails leaves the run directory as it was
+    result["plot"] = None if plot is None else str(plot_filtered(curves, plot))
     return {**result, **compressor_bits_per_byte(text), "data": described}
 
 
+def _check_retro_eval(args: argparse.Namespace, cfg: RunConfig, tokenizer: Any,
+                      device: torch.device) -> tuple[Path | None, tuple[Path, Any, int] | None]:
+    """Refuse, before any work, what `eval --retro-db` cannot do: a model without retrieval,
+    a database that is missing, half built or made for another tokenizer or chunk size, more
+    neighbours than are stored, a baseline with another tokenizer, a plot that cannot be
+    written. Returns the plot's path (None: the run cannot be written, and no --plot) and
+    (baseline run, model, seq_len) or None."""
+    from burrow.retrieval import open_database
+    from burrow.retrieval.neighbours import DEFAULT_K
+    from burrow.run import load_run
+
+    retro = cfg.model.retro
+    if retro is None:
+        raise UserError(f"{args.run} has no retrieval blocks (model.retro is unset); evaluate "
+                        "it without --retro-db")
+    db = open_database(args.retro_db)
+    if db.manifest["tokenizer_fingerprint"] != tokenizer.fingerprint:
+        raise UserError(f"{db.path} was built with another tokenizer than {args.run}'s; build "
+                        f"one with the run's (`burrow retro build --tokenizer {args.run}`)")
+    if db.chunk_tokens != retro.chunk_size:
+        raise UserError(f"{db.path} holds chunks of {db.chunk_tokens} tokens but {args.run} "
+                        f"reads chunks of {retro.chunk_size}; use a database of "
+                        f"{retro.chunk_size}-token chunks")
+    stored = max(DEFAULT_K, retro.neighbours)
+    if args.k is not None and args.k > stored:
+        raise UserError(f"--k {args.k} asks for more neighbours than the {stored} stored per "
+                        f"chunk; pass --k {stored} or fewer")
+    baseline = None
+    if args.baseline:
+        dense, dense_tokenizer, dense_cfg = load_run(args.baseline, device=device)
+        if dense_tokenizer.fingerprint != tokenizer.fingerprint:
+            raise UserError(f"the baseline {args.baseline} has another tokenizer than "
+                            f"{args.run}; compare runs trained with the same tokenizer")
+        baseline = (Path(args.baseline), dense, dense_cfg.train.seq_len)
+    if args.plot:
+        check_writable_dir(Path(args.plot).parent, "plot directory", "pass --plot PATH "
+                           "elsewhere")
+        return Path(args.plot), baseline
+    try:
+        check_writable_dir(args.run, "run directory", "pass --plot PATH")
+    except UserError:  # a read-only run is still evaluated
+        print(f"burrow: note: {args.run} cannot be written; no plot (pass --plot PATH)",
+              file=sys.stderr)
+        return None, baseline
+    return Path(args.run) / "filtered_bpb.png", baseline
+
+
 def format_eval(result: dict[str, Any]) -> str:
-    return (f"{result['data']}: {result['tokens']:,} tokens, {result['bytes']:,} bytes\n"
+    text = (f"{result['data']}: {result['tokens']:,} tokens, {result['bytes']:,} bytes\n"
             f"loss        {result['loss']:.4f} nats/token\n"
             f"perplexity  {result['perplexity']:.2f}\n"
             f"bits/byte   {result['bits_per_byte']:.3f}   (gzip -9: "
             f"{result['gzip_bits_per_byte']:.3f}, xz -9e: {result['xz_bits_per_byte']:.3f})")
+    if "filtered" not in result:
+        return text
+    from burrow.eval.retro import format_retro
+
+    return f"{text}\n{format_retro(result)}"
 
 
 # Printed between the samples of `burrow generate --num-samples N`.

@@ -9,24 +9,41 @@ from __future__ import annotations
 import gzip
 import lzma
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from burrow.data import TokenDataset, Tokenizer, eval_batches
 from burrow.errors import UserError
+
+Inputs = Callable[[list[int]], dict[str, Any]]
+
+
+def eval_windows(dataset: TokenDataset, *, seq_len: int, batch_size: int,
+                 device: torch.device | str, max_tokens: int | None, inputs_more: Inputs | None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """(inputs, targets, more) for each batch of evaluation windows, in order: the
+    windows start at 0, seq_len, 2 seq_len ... of the split, and a window starting at s
+    predicts the tokens at positions s + 1 ... s + seq_len. `more` is inputs_more(starts)."""
+    first = 0
+    for inputs, targets in eval_batches(dataset, batch_size, seq_len, max_tokens=max_tokens):
+        starts = list(range(first, first + len(inputs) * seq_len, seq_len))
+        first += len(inputs) * seq_len
+        more = inputs_more(starts) if inputs_more else {}
+        yield inputs.to(device), targets.to(device), more
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: TokenDataset, *, seq_len: int, batch_size: int = 8,
              device: torch.device | str = "cpu", max_tokens: int | None = None,
              autocast: Any = None, num_bytes: int | None = None,
-             inputs_more: Callable[[list[int]], dict[str, Any]] | None = None
-             ) -> dict[str, float]:
+             inputs_more: Inputs | None = None) -> dict[str, float]:
     """Loss (nats per token), perplexity and bits per byte over a split, every token once.
 
     Bits per byte = total nats / ln 2 / UTF-8 bytes of the text. Every token of the split but
@@ -37,18 +54,47 @@ def evaluate(model: nn.Module, dataset: TokenDataset, *, seq_len: int, batch_siz
     """
     was_training = model.training
     model.eval()
-    total_nats, predicted, first = 0.0, 0, 0
-    for inputs, targets in eval_batches(dataset, batch_size, seq_len, max_tokens=max_tokens):
-        starts = list(range(first, first + len(inputs) * seq_len, seq_len))
-        first += len(inputs) * seq_len
-        more = inputs_more(starts) if inputs_more else {}
-        inputs, targets = inputs.to(device), targets.to(device)
+    total_nats, predicted = 0.0, 0
+    for inputs, targets, more in eval_windows(dataset, seq_len=seq_len, batch_size=batch_size,
+                                              device=device, max_tokens=max_tokens,
+                                              inputs_more=inputs_more):
         with autocast or nullcontext():
             out = model(inputs, targets, **more)
         count = int((targets != -100).sum())
         total_nats += float(out.cross_entropy) * count
         predicted += count
     model.train(was_training)
+    return summarise(total_nats, predicted, dataset, num_bytes)
+
+
+@torch.no_grad()
+def token_nats(model: nn.Module, dataset: TokenDataset, *, seq_len: int, batch_size: int = 8,
+               device: torch.device | str = "cpu", max_tokens: int | None = None,
+               autocast: Any = None, inputs_more: Inputs | None = None) -> np.ndarray:
+    """(P + 1,) float64 nats[p] = -ln p(token p | the tokens before it in its window), for the
+    split's positions 0 ... P, in `evaluate`'s windows (P = the tokens it predicts); nats[0] = 0,
+    the first token being never predicted. Their sum is evaluate()'s total, computed from the
+    logits one token at a time instead of by the model's loss."""
+    was_training = model.training
+    model.eval()
+    pieces = [np.zeros(1)]
+    for inputs, targets, more in eval_windows(dataset, seq_len=seq_len, batch_size=batch_size,
+                                              device=device, max_tokens=max_tokens,
+                                              inputs_more=inputs_more):
+        with autocast or nullcontext():
+            logits = model(inputs, **more).logits
+        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                               reduction="none")  # 0 where the target is -100 (padding)
+        # windows are contiguous, so their targets in row order are positions 1, 2, ...
+        pieces.append(nats[targets.flatten() != -100].double().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(pieces)
+
+
+def summarise(total_nats: float, predicted: int, dataset: TokenDataset,
+              num_bytes: int | None = None) -> dict[str, Any]:
+    """loss, perplexity, bits per byte, tokens, bytes and bytes_estimated from a split's total
+    nats over `predicted` tokens (see `evaluate` for num_bytes)."""
     if predicted == 0:
         raise UserError("the evaluation data has no tokens to predict: with a single file or "
                         "few documents the held-out split can be empty; raise "

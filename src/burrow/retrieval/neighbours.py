@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from burrow.data.shards import TokenDataset
+from burrow.data.shards import TokenDataset, read_manifest
 from burrow.data.sources import iter_documents, source_fingerprint, split_of
 from burrow.data.tokenizer import Tokenizer
 from burrow.errors import UserError
@@ -40,18 +40,24 @@ DEFAULT_K = 4  # RETRO trains with k = 2 (§4); a few more let evaluation try la
 
 def neighbours_dir(db: Database, prepared: Path) -> Path:
     """Where the neighbours of a prepared dataset's splits live in a database directory."""
-    return db.path / "neighbours" / TokenDataset(prepared, "train").manifest["fingerprint"]
+    manifest = read_manifest(prepared)
+    if manifest is None:
+        raise UserError(f"{prepared} is not a prepared dataset; make one with `burrow data "
+                        "prepare`")
+    return db.path / "neighbours" / manifest["fingerprint"]
 
 
 def split_document_names(dataset: TokenDataset) -> list[str]:
-    """The source names of a prepared split's documents, in the order of its shards."""
+    """The source names of a prepared split's documents, in the order of its shards (the split
+    "all" of a tokenized source, burrow.data.tokenize_source, holds every document)."""
     manifest = dataset.manifest
     source = manifest["source"]
     if source_fingerprint(source) != manifest["source_fingerprint"]:
         raise UserError(f"the text of {source} changed since {dataset.directory} was prepared; "
                         "prepare it again to name its documents")
     names = [d.name for d in iter_documents(source, text_field=manifest["text_field"])
-             if split_of(d.name, manifest["val_fraction"]) == dataset.split]
+             if dataset.split == "all"
+             or split_of(d.name, manifest["val_fraction"]) == dataset.split]
     if len(names) != dataset.num_documents:
         raise UserError(f"{source} gives {len(names)} {dataset.split} documents but "
                         f"{dataset.directory} holds {dataset.num_documents}; prepare it again")
