@@ -82,6 +82,28 @@ def test_cached_generation_gives_the_tokens_of_full_passes_with_the_same_neighbo
     assert not torch.equal(cached, generate(model, prompt, 18, temperature=0.0))
 
 
+@pytest.mark.parametrize("positions", ["rope", "relative"])
+def test_cached_passes_of_any_length_give_the_full_passs_logits(positions):
+    """The RetroCache carries H_u and E_u across passes that start and end anywhere in a
+    chunk: one token at a time, passes that cross several chunks, and a whole prefill."""
+    from burrow.infer import KVCache
+    from test_retro_model import random_neighbours
+
+    model = build(toy(positions=positions))
+    ids = torch.randint(0, 37, (2, 23), generator=torch.Generator().manual_seed(3))
+    neighbours = random_neighbours(model.cfg, 2, 23)
+    with torch.no_grad():
+        full = model(ids, neighbours=neighbours).logits
+        for lengths in ([23], [1] * 23, [6, 1, 1, 5, 3, 7], [3, 9, 11]):
+            cache, start, pieces = KVCache(model.cfg, 2, 32), 0, []
+            for length in lengths:
+                end = start + length
+                pieces.append(model(ids[:, start:end], cache=cache, start=start,
+                                    neighbours=neighbours[:, :end // M]).logits)
+                start = end
+            torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("prompt_length", [3, 4, 9])
 def test_retrieve_is_called_once_per_chunk_when_its_last_token_is_known(prompt_length):
     model = build(toy())
