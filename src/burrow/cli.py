@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto")
     generate.add_argument("--compile", action="store_true", help="torch.compile the one-token "
                           "decode step: a compilation first, then faster tokens")
+    generate.add_argument("--retro-db", metavar="DB", help="a RETRO run retrieves from this "
+                          "chunk database at each chunk boundary while it samples")
+    generate.add_argument("--k", type=POSITIVE_INT, default=None, help="neighbours per chunk "
+                          "with --retro-db; default the run's model.retro.neighbours")
+    generate.add_argument("--show-sources", action="store_true", help="with --retro-db, print "
+                          "after the text where each chunk's neighbours came from")
 
     presets = commands.add_parser("presets", help="the papers' models with parameter counts")
     presets.add_argument("--seq-len", type=POSITIVE_INT, default=None,

@@ -284,7 +284,9 @@ SAMPLE_SEPARATOR = "\n" + "-" * 40 + "\n"
 
 def generate_command(args: argparse.Namespace) -> str:
     """The prompt and its continuation, or --num-samples of them generated as one batch.
-    Generation starts after a document separator; tokens/s go to stderr."""
+    Generation starts after a document separator; tokens/s go to stderr. With --retro-db a
+    RETRO run retrieves at each chunk boundary, and --show-sources prints after each sample
+    where the neighbours each chunk was sampled with came from."""
     import torch
 
     from burrow.infer import generate
@@ -292,6 +294,7 @@ def generate_command(args: argparse.Namespace) -> str:
 
     device = _device(args.device)
     model, tokenizer, cfg = load_run(args.run, device=device)
+    retriever = _retriever(args, cfg, tokenizer)
     ids = [tokenizer.eos_id, *tokenizer.encode(args.prompt)]
     context = cfg.model.max_seq_len
     if len(ids) >= context:
@@ -305,13 +308,77 @@ def generate_command(args: argparse.Namespace) -> str:
     start = time.perf_counter()
     out = generate(model, torch.tensor([ids] * args.num_samples, device=device), new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, eos_id=tokenizer.eos_id, compile=args.compile)
+                   seed=args.seed, eos_id=tokenizer.eos_id, compile=args.compile,
+                   retrieve=retriever, return_sources=retriever is not None)
+    out, sources = out if retriever is not None else (out, None)
     seconds = time.perf_counter() - start
     generated = int((out[:, len(ids):] != tokenizer.eos_id).sum())
     print(f"burrow: {generated} tokens in {seconds:.2f} s ({generated / seconds:,.0f} tokens/s"
           f"{', compilation included' if args.compile else ''})", file=sys.stderr)
-    return SAMPLE_SEPARATOR.join(
-        tokenizer.decode([i for i in row[1:].tolist() if i != tokenizer.eos_id]) for row in out)
+    samples = []
+    for row, tokens in enumerate(out.tolist()):
+        text = tokenizer.decode([i for i in tokens[1:] if i != tokenizer.eos_id])
+        if args.show_sources:
+            text += "\n\n" + format_sources(tokens, len(ids), cfg.model.retro.chunk_size,
+                                             [chunk[row] for chunk in sources], tokenizer)
+        samples.append(text)
+    return SAMPLE_SEPARATOR.join(samples)
+
+
+def _retriever(args: argparse.Namespace, cfg: RunConfig, tokenizer: Any) -> Any:
+    """The retrieve callable of `burrow generate --retro-db`, or None; UserError for a
+    database that does not fit the run, a note for a RETRO run generating without one."""
+    if args.retro_db is None:
+        if args.k is not None or args.show_sources:
+            flag = "--k" if args.k is not None else "--show-sources"
+            raise UserError(f"{flag} needs --retro-db DB, the database to retrieve from")
+        if cfg.model.retro is not None:
+            print(f"burrow: note: {args.run} is a RETRO model generating without retrieval "
+                  "(chunked cross-attention adds nothing); pass --retro-db DB to retrieve",
+                  file=sys.stderr)
+        return None
+    if cfg.model.retro is None:
+        raise UserError(f"{args.run} has no retrieval blocks (model.retro is unset): drop "
+                        "--retro-db, or generate with a RETRO run")
+    if args.compile:
+        raise UserError("--compile does not retrieve yet: drop --compile to generate with "
+                        "--retro-db")
+    from burrow.retrieval import ChunkRetriever, check_database_fits, open_database
+
+    db = open_database(args.retro_db)
+    check_database_fits(db, cfg.model.retro, tokenizer, what=str(args.run))
+    return ChunkRetriever(db, tokenizer, args.k or cfg.model.retro.neighbours)
+
+
+def format_sources(tokens: list[int], prompt: int, m: int, sources: list[list[dict[str, Any]]],
+                   tokenizer: Any) -> str:
+    """Where the neighbours each chunk of generated text was sampled with came from.
+
+    tokens: one sample, the document separator first, then the prompt and the generated text;
+    prompt: how many of them are not generated; sources[u]: chunk u's neighbours. Chunk v is
+    tokens v*m ... v*m + m - 1; each of its tokens was predicted at the position before it,
+    which attends to the neighbours of chunk v - 1 (RETRO's m - 1 shift), so those are the
+    neighbours listed for chunk v.
+    """
+    lines = [f"sources: the tokens of chunk v (sequence tokens v*{m} ... v*{m} + {m - 1}, "
+             "counted from the document separator before the prompt) were sampled attending "
+             "to the neighbours retrieved for chunk v - 1"]
+    for v in range(prompt // m, -(-len(tokens) // m)):
+        first, last = max(v * m, prompt), min((v + 1) * m, len(tokens)) - 1
+        text = tokenizer.decode([i for i in tokens[first:last + 1] if i != tokenizer.eos_id])
+        lines.append(f"chunk {v} (generated tokens {first}-{last}: {_snippet(text)})")
+        if v == 0:
+            lines.append("  no neighbours: no chunk before it")
+            continue
+        lines += [f"  #{rank} {found['source']} at token {found['offset']:,}  "
+                  f"distance {found['distance']:.3f}"
+                  for rank, found in enumerate(sources[v - 1], start=1)]
+    return "\n".join(lines)
+
+
+def _snippet(text: str, width: int = 40) -> str:
+    """The start of a text as one quoted line."""
+    return repr(text if len(text) <= width else text[:width] + "...")
 
 
 def presets_command(args: argparse.Namespace) -> dict[str, Any]:

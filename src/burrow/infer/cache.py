@@ -1,7 +1,9 @@
 """The KV cache of a generation: keys and values of the tokens seen so far, per layer.
 
 The model's attention calls `update` (model/attention.py); the model asks `rotary_at` and
-`visible` once per pass (model/transformer.py). Nothing here is trained.
+`visible` once per pass (model/transformer.py). A RETRO model's cache also holds a RetroCache
+(`retro`), which chunked cross-attention reads and writes (model/retro.py). Nothing here is
+trained.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 
 from burrow.config import ModelConfig
 from burrow.model.positions import rotary_tables
+from burrow.model.retro import RetroCache
 
 
 class KVCache:
@@ -29,6 +32,9 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
         self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
         self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # see rotary_at
+        # A RETRO model's chunked cross-attention keeps its own state across passes
+        # (model/retro.py): the unfinished chunk's H_u and the last chunk's encoded neighbours.
+        self.retro = RetroCache() if cfg.retro is not None else None
 
     def rotary_at(self, start: int | torch.Tensor, positions: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,8 +45,11 @@ class ForwardContext:
         the C complete chunks of the sequence (model/retro.py), or None: no retrieval, and
         chunked cross-attention adds nothing.
     embed: the model's token embedding, which RETRO's encoder shares (§2.4).
-    encoded_neighbours (B, C, k, r, d'): the neighbours as the encoder leaves them, set by
-        the first retrieval layer's part for the later ones; None before.
+    encoded_neighbours (B, n, k, r, d'): the neighbours as the encoder leaves them, of the
+        chunks this pass's positions attend to (all C without a cache), set by the first
+        retrieval layer's part for the later ones; None before.
+    retro_cache: what RETRO keeps between the passes of a generation (model/retro.py,
+        RetroCache; the KV cache's `retro`), when a cached pass has neighbours; else None.
     aux: what the parts reported, in order.
 
     A plain object, not a dataclass or a container: wrappers such as FSDP copy the dataclasses
@@ -56,10 +59,11 @@ class ForwardContext:
     def __init__(self, positions: torch.Tensor, start: int | torch.Tensor = 0, *,
                  rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: Any = None,
                  visible: torch.Tensor | None = None, statistics: bool = True,
-                 neighbours: torch.Tensor | None = None, embed: nn.Module | None = None):
+                 neighbours: torch.Tensor | None = None, embed: nn.Module | None = None,
+                 retro_cache: Any = None):
         self.positions, self.start, self.rotary = positions, start, rotary
         self.cache, self.visible, self.statistics = cache, visible, statistics
-        self.neighbours, self.embed = neighbours, embed
+        self.neighbours, self.embed, self.retro_cache = neighbours, embed, retro_cache
         self.encoded_neighbours: torch.Tensor | None = None
         self.aux: list[AuxTerm] = []
 

@@ -11,6 +11,14 @@ on them, conditioned on its own input (the activations H_u of the chunk each nei
 retrieved for, §2.4), and leaves the encoded neighbours on the context for the later retrieval
 layers. Without neighbours every CCA adds zeros: the model is its decoder alone.
 
+With a KV cache (generation), a pass continues a sequence whose first `start` tokens are
+cached; `neighbours` still covers every complete chunk of the whole sequence. A chunk's
+encoding needs H_u over all its m positions, some computed in earlier passes, so the cache
+carries a RetroCache (below): the first retrieval layer's inputs of the unfinished chunk and
+the encoded neighbours of the last complete one. CCA's output at a position depends only on its
+query and the encoded neighbours of the chunk it attends to, so a cached pass gives what a full
+pass over the whole sequence would.
+
 Positions (a choice, documented in docs/retro.md): a neighbour's first m tokens are aligned with
 the chunk it was retrieved for, so a query at offset i from chunk u's start and a neighbour
 token at offset j are i - j apart. CCA scores that distance with Transformer-XL's relative
@@ -175,6 +183,27 @@ class NeighbourEncoder(nn.Module):
         return self.norm(x).view(B, C, k, r, -1)
 
 
+class RetroCache:
+    """What chunked cross-attention keeps between the passes of one generation: the KV cache's
+    `retro` (infer/cache.py), read and written by the first retrieval layer's part.
+
+    length: the tokens that passed with neighbours so far, positions 0 ... length - 1; the next
+        pass with neighbours must start there (the model checks it).
+    partial (B, length % m, d): the first retrieval layer's inputs at the positions of the
+        chunk not yet complete, the start of its H_u; None before the first pass.
+    encoded (B, 1, k, r, d'): the encoded neighbours of the last complete chunk, length // m - 1,
+        which the next pass's first positions still attend to (a query at position p attends
+        to chunk (p + 1) // m - 1); None before the first chunk is complete.
+
+    Nothing older is kept: no later position attends to an earlier chunk.
+    """
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.partial: torch.Tensor | None = None
+        self.encoded: torch.Tensor | None = None
+
+
 class ChunkedCrossAttention(nn.Module):
     """CCA (§2.4, Listing 1), the extra part "cca" of a retrieval layer.
 
@@ -196,19 +225,28 @@ class ChunkedCrossAttention(nn.Module):
         self.encoder = NeighbourEncoder(cfg) if layer == cfg.retrieval_layers[0] else None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # x (B, T, d): positions start ... end - 1 of the sequence (start 0 without a cache)
         B, T, d = x.shape
-        m = self.chunk_size
-        C = T // m
-        if ctx.neighbours is None or C == 0:  # no retrieval, or no chunk complete yet
+        m, start = self.chunk_size, ctx.start
+        end = start + T
+        if ctx.neighbours is None:  # no retrieval
             return torch.zeros_like(x)
         if self.encoder is not None:
-            chunks = x[:, :C * m].reshape(B, C, m, d)  # H_u, this layer's input (§2.4)
-            ctx.encoded_neighbours = self.encoder(ctx.embed(ctx.neighbours), chunks)
-        encoded = ctx.encoded_neighbours  # (B, C, k, r, d')
+            ctx.encoded_neighbours = self.encode(x, ctx)
+        first = max(start, m - 1)  # the first position that sees any neighbours
+        if first >= end:  # no chunk complete yet
+            return torch.zeros_like(x)
+        # Listing 1, from position `first`: drop the positions before it, pad to whole
+        # attending chunks (the last token of chunk u and the first m - 1 of chunk u + 1), and
+        # attend attending chunk u to E_u, for chunks u0 ... end // m - 1.
+        u0 = (first + 1) // m - 1
+        chunks = end // m - u0
+        offset = first - (m - 1) - u0 * m  # of position `first` within its attending chunk
+        attending = F.pad(x[:, first - start:], (0, 0, offset, chunks * m - offset - (end - first)))
+        attending = attending.reshape(B * chunks, m, d)
+        encoded = ctx.encoded_neighbours  # (B, chunks, k, r, d')
         k, r = encoded.shape[2:4]
-        # Listing 1: drop the first m - 1 tokens, pad to C whole chunks, attend chunk u to E_u.
-        attending = F.pad(x[:, m - 1:], (0, 0, 0, C * m - (T - m + 1))).reshape(B * C, m, d)
-        memory = encoded.reshape(B * C, k * r, -1)
+        memory = encoded.reshape(B * chunks, k * r, -1)
         q, keys, values = self.attention.project(attending, memory)
         query_offset = torch.arange(m - 1, 2 * m - 1, device=x.device)  # from chunk u's start
         key_offset = torch.arange(r, device=x.device).repeat(k)  # within each neighbour
@@ -220,11 +258,41 @@ class ChunkedCrossAttention(nn.Module):
         else:
             q = apply_rotary(q, *rotary_tables(self.cfg, query_offset))
             keys = apply_rotary(keys, *rotary_tables(self.cfg, key_offset))
-        y = self.attention.attend(q, keys, values, bias).reshape(B, C * m, d)
-        y = F.pad(y, (0, 0, m - 1, 0))[:, :T]  # back to positions m - 1 .. T - 1
+        y = self.attention.attend(q, keys, values, bias).reshape(B, chunks * m, d)
+        y = F.pad(y[:, offset:offset + end - first], (0, 0, first - start, 0))  # positions
         if ctx.statistics:
             ctx.report("cca_output_rms", self.layer, y.detach().square().mean().sqrt())
         return y
+
+    def encode(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """The encoded neighbours (B, n, k, r, d') of the chunks this pass's positions attend
+        to, u0 ... end // m - 1 (see forward), or None where none does.
+
+        Chunks start // m ... end // m - 1 complete in this pass and are encoded here,
+        conditioned on this layer's input over their positions (H_u, §2.4); under a cache the
+        start of the first was kept by an earlier pass, and this pass keeps what the next
+        needs (RetroCache)."""
+        B, T, d = x.shape
+        m, start, cache = self.chunk_size, ctx.start, ctx.retro_cache
+        end = start + T
+        done, complete = start // m, end // m  # chunks complete before / after this pass
+        inputs = x  # positions done * m ... end - 1
+        if cache is not None and cache.partial is not None:
+            inputs = torch.cat([cache.partial, x], dim=1)
+        encoded = None
+        if complete > done:
+            chunks = inputs[:, :(complete - done) * m].reshape(B, complete - done, m, d)  # H_u
+            encoded = self.encoder(ctx.embed(ctx.neighbours[:, done:complete]), chunks)
+        if cache is None:
+            return encoded
+        previous = cache.encoded  # chunk done - 1
+        cache.partial = inputs[:, (complete - done) * m:].clone()
+        if encoded is not None:
+            cache.encoded = encoded[:, -1:].clone()
+        cache.length = end
+        if (max(start, m - 1) + 1) // m - 1 < done:  # the first positions attend to chunk done-1
+            encoded = previous if encoded is None else torch.cat([previous, encoded], dim=1)
+        return encoded
 
 
 def retro_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

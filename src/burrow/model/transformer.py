@@ -103,18 +103,23 @@ class Transformer(nn.Module):
         distillation's mixes in a teacher. `neighbours` (B, C, k, r), for a model with
         model.retro: the token ids of k retrieved neighbours for each of the C = T // m complete
         chunks of input_ids (a partial last chunk has none: no position could use them, §2.4);
-        None runs the decoder alone (model/retro.py).
+        None runs the decoder alone (model/retro.py). With a cache, C = (start + T) // m: the
+        complete chunks of the whole sequence, cached ones included; a generation that
+        retrieves gives neighbours in every pass from the first (the cache's RetroCache keeps
+        what chunked cross-attention needs from earlier passes). The compiled decode step (a
+        tensor `start`) takes none.
         """
         T = input_ids.shape[1]
         if isinstance(start, int) and start + T > self.cfg.max_seq_len:
             raise UserError(f"sequence of {start + T} tokens exceeds the model's context of "
                             f"{self.cfg.max_seq_len} (model.max_seq_len)")
+        retro_cache = None
         if neighbours is not None:
-            self._check_neighbours(input_ids, neighbours, cache, start)
+            retro_cache = self._check_neighbours(input_ids, neighbours, cache, start)
         positions = start + torch.arange(T, device=input_ids.device)
         ctx = ForwardContext(positions, start, cache=cache,
                              statistics=cache is None or torch.is_grad_enabled(),
-                             neighbours=neighbours, embed=self.embed)
+                             neighbours=neighbours, embed=self.embed, retro_cache=retro_cache)
         x = self.embed(input_ids)  # (B, T, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
@@ -142,20 +147,35 @@ class Transformer(nn.Module):
         return out
 
     def _check_neighbours(self, input_ids: torch.Tensor, neighbours: torch.Tensor, cache: Any,
-                          start: int | torch.Tensor) -> None:
+                          start: int | torch.Tensor) -> Any:
+        """UserError for neighbours this pass cannot take; the cache's RetroCache, if any."""
         retro = self.cfg.retro
         if retro is None:
             raise UserError("neighbours were given to a model without retrieval (model.retro "
                             "is unset); pass neighbours=None")
-        if cache is not None or not isinstance(start, int) or start != 0:
-            raise UserError("generation with retrieved neighbours is not supported yet; pass "
-                            "neighbours=None to generate with the decoder alone")
+        if not isinstance(start, int):
+            raise UserError("the compiled decode step does not retrieve; generate with "
+                            "retrieval without compile")
+        retro_cache = None
+        if cache is None and start != 0:
+            raise UserError(f"neighbours for a pass from position {start} need the cache of "
+                            "the positions before it")
+        if cache is not None:
+            retro_cache = getattr(cache, "retro", None)
+            if retro_cache is None:
+                raise UserError("this cache keeps no RETRO state (make it with the RETRO "
+                                "model's config); pass neighbours=None")
+            if retro_cache.length != start:
+                raise UserError(f"a cached pass from position {start} has neighbours, but "
+                                f"only {retro_cache.length} positions passed with them: give "
+                                "neighbours in every pass of a generation from the first")
         B, T = input_ids.shape
-        chunks = T // retro.chunk_size
+        chunks = (start + T) // retro.chunk_size
         if neighbours.dim() != 4 or tuple(neighbours.shape[:2]) != (B, chunks):
             raise UserError(f"neighbours must be (batch, chunks, k, r) = ({B}, {chunks}, k, r) "
-                            f"for {T} tokens in chunks of {retro.chunk_size}, got "
+                            f"for {start + T} tokens in chunks of {retro.chunk_size}, got "
                             f"{tuple(neighbours.shape)}")
+        return retro_cache
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, self.embed.weight) if self.head is None else self.head(x)

@@ -9,14 +9,17 @@ from burrow.retrieval.build import build_database
 from burrow.retrieval.chunks import CHUNK_TOKENS, VALUE_TOKENS, document_chunks
 from burrow.retrieval.database import Database, open_database, retrieved_tokens
 from burrow.retrieval.encoder import Encoder, MiniLMEncoder, get_encoder
+from burrow.retrieval.retriever import ChunkRetriever, check_database_fits
 
 __all__ = [
     "CHUNK_TOKENS",
     "VALUE_TOKENS",
+    "ChunkRetriever",
     "Database",
     "Encoder",
     "MiniLMEncoder",
     "build_database",
+    "check_database_fits",
     "document_chunks",
     "get_encoder",
     "open_database",

@@ -18,7 +18,7 @@ import torch
 
 from burrow.config import RunConfig
 from burrow.errors import UserError
-from burrow.retrieval import open_database, retrieved_tokens
+from burrow.retrieval import check_database_fits, open_database, retrieved_tokens
 from burrow.retrieval.neighbours import DEFAULT_K, compute_neighbours, open_neighbours
 
 
@@ -32,16 +32,7 @@ class Retrieval:
         if retro is None or cfg.data.retro_db is None:
             raise UserError("retrieval needs a RETRO model (model.retro) and --retro-db")
         self.db = open_database(cfg.data.retro_db)
-        if self.db.chunk_tokens != retro.chunk_size:
-            raise UserError(f"{self.db.path} holds chunks of {self.db.chunk_tokens} tokens but "
-                            f"model.retro.chunk_size is {retro.chunk_size}; build a database "
-                            f"with chunks of {retro.chunk_size} tokens or use another model")
-        if self.db.value_tokens != retro.neighbour_length:
-            raise UserError(f"{self.db.path} stores neighbours of {self.db.value_tokens} tokens "
-                            f"(chunk and continuation) but the model reads "
-                            f"{retro.neighbour_length} (model.retro.continuation="
-                            f"{retro.continuation}); set model.retro.continuation="
-                            f"{self.db.value_tokens - self.db.chunk_tokens}")
+        check_database_fits(self.db, retro)
         self.chunk_size, self.k = retro.chunk_size, retro.neighbours
         stored = max(DEFAULT_K, self.k)
         if is_main:  # one process looks them up (or finds them stored); the others read them
