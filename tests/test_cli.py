@@ -74,7 +74,7 @@ def test_generate(trained_run):
 
 
 def test_generate_several_samples_in_one_batch(trained_run):
-    from burrow.commands import SAMPLE_SEPARATOR
+    from burrow.run_commands import SAMPLE_SEPARATOR
 
     result = run("generate", str(trained_run), "--prompt", "import ", "--max-new-tokens", "20",
                  "--num-samples", "3", "--seed", "1")

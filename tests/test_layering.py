@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "burrow"
 # package (a folder or a module under src/burrow) -> burrow packages it must not import
 FORBIDDEN = {
     "model": {"data", "train", "parallel", "infer", "eval", "interop", "scaling", "retrieval",
-              "commands", "cli", "run"},
+              "commands", "run_commands", "cli", "run"},
     "data": {"model", "train", "parallel", "infer", "eval", "interop", "scaling"},
     "config": {"model", "data", "train", "parallel", "infer", "eval", "interop", "scaling"},
     "presets": {"model", "data", "train", "parallel", "infer", "eval", "interop", "scaling"},
@@ -22,11 +22,11 @@ FORBIDDEN = {
     # what the command line and every layer use to speak to users: the lowest layer
     **dict.fromkeys(("units", "paths", "flags"), frozenset(
         {"model", "data", "train", "parallel", "infer", "eval", "interop", "scaling", "commands",
-         "cli", "run"})),
+         "run_commands", "cli", "run"})),
     "infer": {"data", "train", "parallel", "eval", "interop", "scaling"},
     # the chunk database reads text and tokens (data/) and serves the model from outside
     "retrieval": {"model", "train", "parallel", "infer", "eval", "interop", "scaling",
-                  "commands", "cli", "run"},
+                  "commands", "run_commands", "cli", "run"},
 }
 # Modules that must not import torch.distributed (nor check for its tensors)
 NO_DISTRIBUTED = ("model", "config", "presets", "blocks", "flops", "data")

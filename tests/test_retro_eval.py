@@ -209,12 +209,12 @@ def test_bad_inputs_are_refused_in_one_line_and_change_nothing(runs, database, t
 
 def test_a_run_that_cannot_be_written_is_evaluated_without_the_default_plot(
         runs, database, monkeypatch, capsys):  # noqa: F811
-    import burrow.commands
+    import burrow.run_commands
 
     def read_only(path, what, fix):
         raise UserError(f"{what} {path} cannot be written (read-only file system); {fix}")
 
-    monkeypatch.setattr(burrow.commands, "check_writable_dir", read_only)
+    monkeypatch.setattr(burrow.run_commands, "check_writable_dir", read_only)
     before = snapshot(runs["retro"])
     code, out = cli("eval", runs["retro"], "--retro-db", database, "--json")
     assert code == 0 and json.loads(out)["plot"] is None

@@ -359,6 +359,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from burrow.scaling import commands as verbs
     elif args.command == "retro":
         return _retro(args)
+    elif args.command in ("eval", "generate"):
+        from burrow import run_commands as verbs
     else:
         from burrow import commands as verbs
 
@@ -377,10 +379,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else formatter(result))
         return 0
     messages = {  # verbs that print one text
-        "generate": verbs.generate_command,
-        "tokenizer": verbs.tokenizer_command,
-        "export-hf": verbs.export_hf_command,
-        "import-hf": verbs.import_hf_command,
+        "generate": "generate_command",
+        "tokenizer": "tokenizer_command",
+        "export-hf": "export_hf_command",
+        "import-hf": "import_hf_command",
     }
-    print(messages[args.command](args))
+    print(getattr(verbs, messages[args.command])(args))
     return 0

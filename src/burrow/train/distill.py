@@ -32,8 +32,9 @@ from burrow.parallel import resolve_device
 from burrow.run import check_run_dir, load_run, prepared_data_of
 from burrow.train.checkpoint import latest_checkpoint
 from burrow.train.hardware import autocast_for
+from burrow.train.launch import train
 from burrow.train.metrics import format_count
-from burrow.train.trainer import Trainer, train
+from burrow.train.trainer import Trainer
 
 
 def copy_non_expert_weights(student: nn.Module, teacher: nn.Module) -> dict[str, torch.Tensor]:

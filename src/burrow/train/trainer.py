@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from burrow.config import RunConfig
-from burrow.data import BatchLoader, TokenDataset, Tokenizer, prepare_data
+from burrow.data import BatchLoader
 from burrow.errors import UserError
-from burrow.eval.evaluate import compressor_bits_per_byte, evaluate, split_text
+from burrow.eval.evaluate import evaluate
 from burrow.files import write_text
 from burrow.flops import flops_per_token
 from burrow.infer import generate
@@ -37,7 +37,6 @@ from burrow.parallel import (
     init_runtime,
     launched_world_size,
     parallelize,
-    shutdown,
 )
 from burrow.train.checkpoint import (
     list_checkpoints,
@@ -50,15 +49,14 @@ from burrow.train.lock import job_lock, on_rank_zero
 from burrow.train.metrics import (
     AuxMeter,
     MetricsLog,
-    format_duration,
     plot_expert_load,
     plot_losses,
     progress_line,
 )
 from burrow.train.optim import build_optimizer, learning_rate
+from burrow.train.rundata import load_run_data
 from burrow.train.rundir import (
     check_resume,
-    check_tokenizer,
     checkpoint_to_continue,
     write_run_files,
 )
@@ -114,32 +112,14 @@ class Trainer:
         if checkpoint is not None:
             self.notes = on_rank_zero(self.runtime, lambda: check_resume(
                 checkpoint, self.run_dir, cfg, self.dims)) or []
-        if self.runtime.is_main:  # one process tokenizes; the others then find it prepared
-            prepare_data(cfg, progress=self.verbose, run_dir=self.run_dir)
-        self.runtime.barrier()
-        prepared = prepare_data(cfg, progress=False, run_dir=self.run_dir)
-        self.tokenizer = Tokenizer.load(prepared)
-        check_tokenizer(self.run_dir, self.tokenizer, cfg,
-                        same_data=self.resume and not self.allow_data_change)
-        self.train_data = TokenDataset(prepared, "train")
-        self.val_data = TokenDataset(prepared, "val")
-        if self.val_data.num_tokens < 2:
-            self.log("note: no held-out documents, so no evaluation during training (a single "
-                     "file is one document; raise --set data.val_fraction=... or add files)")
-            self.val_data = None
-        elif self.runtime.is_main:  # gzip and xz on the bytes the periodic evaluations read
-            limit = (cfg.train.eval_tokens + 1) if cfg.train.eval_tokens else None
-            text = split_text(self.val_data, self.tokenizer, max_tokens=limit)
-            self.eval_bytes, self.yardstick = len(text), compressor_bits_per_byte(text)
-        self.prepared = prepared
-        self.retrieval = None
-        if cfg.model.retro is not None:  # neighbours looked up once (rank 0), then read
-            from burrow.train.retrieval import Retrieval
-
-            splits = ("train", "val") if self.val_data is not None else ("train",)
-            self.retrieval = Retrieval(cfg, prepared, splits=splits,
-                                       is_main=self.runtime.is_main,
-                                       barrier=self.runtime.barrier, progress=self.verbose)
+        data = load_run_data(cfg, self.run_dir, self.runtime, log=self.log,
+                             same_data=self.resume and not self.allow_data_change,
+                             progress=self.verbose)
+        self.prepared, self.tokenizer = data.prepared, data.tokenizer
+        self.retrieval = data.retrieval
+        self.train_data, self.val_data = data.train, data.val
+        if data.eval_bytes is not None:
+            self.eval_bytes, self.yardstick = data.eval_bytes, data.yardstick
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
@@ -444,30 +424,3 @@ class Trainer:
                 "train_losses": [row["loss"] for row in rows if row.get("split") == "train"],
                 "val": val[-1] if val else None, "interrupted": self.stop_signal is not None}
 
-
-def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
-          allow_data_change: bool = False, verbose: bool = True,
-          trainer_class: type[Trainer] | None = None) -> dict[str, Any]:
-    """Train a model as `cfg` says into `run_dir`; return a summary (step, losses, last eval).
-
-    The trainer is the one the config calls for (a distillation's, a retro-fitting's) unless
-    `trainer_class` names another."""
-    if trainer_class is None:
-        from burrow.train.distill import Distiller
-        from burrow.train.retrofit import RetroFitter
-
-        trainer_class = (RetroFitter if cfg.retro_fit is not None else
-                         Distiller if cfg.distill is not None else Trainer)
-    started = time.perf_counter()
-    trainer = trainer_class(cfg, run_dir, resume=resume, allow_data_change=allow_data_change,
-                            verbose=verbose)
-    try:
-        summary = trainer.run()
-    except BaseException:
-        trainer.release()
-        shutdown(clean=False)
-        raise
-    trainer.release()
-    shutdown()
-    trainer.log(f"done in {format_duration(time.perf_counter() - started)}: {run_dir}")
-    return summary
