@@ -170,7 +170,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         result = asdict(self)
-        result["stages"] = list(self.stages)
+        result["stages"], result["layers"] = list(self.stages), list(result["layers"])
         return result
 
     @classmethod
