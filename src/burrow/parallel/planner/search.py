@@ -83,8 +83,9 @@ class Outcome:
     """The best plan of one kind (searched, uniform, a baseline), or what the leanest needs."""
 
     plan: Plan | None
-    # Without a plan: bytes per GPU the leanest plan of the kind would need (None: no plan of
-    # the kind exists for this job, e.g. a batch too small to split over all GPUs).
+    # Without a plan: the memory a GPU would need for the leanest plan of the kind, its peak
+    # plus the headroom RESERVED_FRACTION (None: no plan of the kind exists for this job, e.g.
+    # a batch too small to split over all GPUs).
     needs_bytes: float | None = None
 
 
@@ -141,7 +142,8 @@ def uniform(job: Job, inputs: CostInputs, configs: list[Config],
             plan = make_plan(job, inputs, config, chosen)
             if best is None or plan.predicted_step_s < best.predicted_step_s:
                 best = plan
-    return Outcome(best, None if best or leanest == math.inf else leanest)
+    needs = None if best or leanest == math.inf else leanest / (1 - RESERVED_FRACTION)
+    return Outcome(best, needs)
 
 
 def make_plan(job: Job, inputs: CostInputs, config: Config, chosen: list[StageChoice]) -> Plan:

@@ -211,8 +211,11 @@ def configure(job: Job, inputs: CostInputs, pipeline: int, micro_batches: int) -
     boundary = layers[0].boundary_bytes_per_token
     switch = np.array([[transition_seconds(a, b, step, boundary, inputs) for b in options]
                        for a in options])
-    spans_nodes = devices >= inputs.gpus_per_node and job.world_size > inputs.gpus_per_node
-    send = p2p_seconds(step, boundary, spans_nodes, inputs)
+    # Boundary b (after stage b) is between nodes when stages are whole nodes or it falls on a
+    # node's edge.
+    nodes = inputs.gpus_per_node
+    sends = [p2p_seconds(step, boundary, job.world_size > nodes and (
+        devices >= nodes or (b + 1) * devices % nodes == 0), inputs) for b in range(pipeline - 1)]
     unit = stage_budget(inputs) / MEMORY_UNITS
     stages, first = [], 0
     for index, count in enumerate(split):
@@ -220,12 +223,14 @@ def configure(job: Job, inputs: CostInputs, pipeline: int, micro_batches: int) -
         rows = [_costs(layer, options, stage_step, inputs, cache)
                 for layer in layers[first:first + count]]
         memory = np.array([[c.memory_bytes for c in row] for row in rows])
-        sends = (index < pipeline - 1) + (index > 0)  # activations out, gradients back
+        # activations out to the next stage, gradients back to the previous one
+        p2p = (sends[index] if index < pipeline - 1 else 0.0) + (
+            sends[index - 1] if index > 0 else 0.0)
         stages.append(StageProblem(
             [layer.name for layer in layers[first:first + count]], options, micro_batches,
             np.array([[c.forward_s + c.backward_s for c in row] for row in rows]),
             np.array([[c.sync_s for c in row] for row in rows]), memory,
-            np.ceil(memory / unit).astype(np.int64), switch, MEMORY_UNITS, sends * send))
+            np.ceil(memory / unit).astype(np.int64), switch, MEMORY_UNITS, p2p))
         first += count
     return Config(pipeline, micro_batches, size, split, stages)
 
