@@ -113,9 +113,8 @@ def candidates(cfg: ModelConfig, devices: int, gpus_per_node: int) -> list[Strat
     """The strategies a stage of `devices` GPUs considers: Galvatron's decision trees (§3)
     with its pruning. TP degrees are powers of two within one node (TP talks most) that divide
     the GPUs, the heads and the MLP width; the data-parallel degree takes the rest, as plain
-    replicas or as shards but not both in one layer (Galvatron never mixes DP and SDP in a
-    layer: sharding only saves memory, so a mix is dominated by one or the other); each with
-    checkpointing off or on. Checkpointing off comes first, so ties go to it."""
+    replicas or as shards, alternatives for a layer as on Galvatron's trees, not mixed; each
+    with checkpointing off or on. Checkpointing off comes first, so ties go to it."""
     found = []
     for checkpoint in (False, True):
         tp = 1
