@@ -102,6 +102,7 @@ def test_model_and_config_know_nothing_of_torch_distributed():
     "import burrow.presets, burrow.config, burrow.flops, burrow.blocks",
     "from burrow.cli import build_parser; build_parser()",
     "import burrow.scaling, burrow.scaling.plan, burrow.scaling.commands, burrow.commands",
+    "import burrow.parallel.planner, burrow.parallel.planner.commands",
 ])
 def test_light_imports_load_neither_the_trainer_nor_torch_distributed(statement):
     """What `burrow presets` and `burrow --help` need is arithmetic: no trainer, no torch."""
@@ -123,10 +124,13 @@ DATA = Path(__file__).resolve().parent / "data"
     (["plan", "--flops", "1e21", "--law", "kaplan", "--json"], ("torch", "burrow.train")),
     (["fit", str(DATA / "chinchilla" / "svg_extracted_data.csv"), "--bootstrap", "0",
       "--out", "{tmp}"], ("torch", "burrow.train")),
+    (["plan-parallel", "--preset", "nano", "--gpus", "8"], ("torch", "burrow.train",
+                                                            "matplotlib")),
 ])
 def test_arithmetic_verbs_start_without_torch(argv, heavy, tmp_path):
-    """`burrow --help`, `presets`, `plan` and `fit` start at once: each verb imports what it
-    needs when it runs, and these need no torch (nor numpy and matplotlib, but to fit)."""
+    """`burrow --help`, `presets`, `plan`, `fit` and `plan-parallel` start at once: each verb
+    imports what it needs when it runs, and these need no torch (nor numpy and matplotlib, but
+    to fit and to plan parallelism)."""
     code = ("import sys\nfrom burrow.cli import main\ntry:\n    status = main(sys.argv[1:])\n"
             "except SystemExit as stop:\n    status = stop.code\n"
             f"loaded = [m for m in {heavy!r} if m in sys.modules]\n"

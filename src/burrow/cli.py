@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     import_hf.add_argument("out", help="new run directory")
     _add_distill_command(commands)
     _add_scaling_commands(commands)
+    _add_plan_parallel_command(commands)
     retro_commands = _add_retro_commands(commands)
     # named in "required" errors
     for verbs in (commands, data_commands, tokenizer_commands, retro_commands):
@@ -303,6 +304,30 @@ def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_plan_parallel_command(commands: argparse._SubParsersAction) -> None:
+    plan = commands.add_parser("plan-parallel", help="Galvatron: the fastest per-layer mix of "
+                               "data, sharded, tensor and pipeline parallelism and "
+                               "checkpointing that fits the GPUs' memory (docs/galvatron.md)")
+    plan.add_argument("--preset", required=True, help="the model (see `burrow presets`)")
+    plan.add_argument("--gpus", type=POSITIVE_INT, required=True, help="number of GPUs")
+    plan.add_argument("--hardware", default="h100", help="h100, h200, a100 or a100-40gb "
+                      "(datasheet figures); default h100")
+    plan.add_argument("--memory", help="memory per GPU the plan may use: 80GB, 80GiB or bytes "
+                      "(40e9); default the hardware's")
+    plan.add_argument("--seq-len", type=POSITIVE_INT, help="tokens per sequence; default the "
+                      "preset's context")
+    plan.add_argument("--global-batch", type=POSITIVE_INT, metavar="TOKENS", help="tokens per "
+                      "step, a whole number of sequences; default about 2^21 (2.1M, Gopher "
+                      "7.1B's batch)")
+    plan.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                      help="bf16: mixed precision (fp32 master weights and Adam moments); "
+                      "default bf16")
+    plan.add_argument("--efficiency", type=FRACTION, help="share of the bf16 peak a layer's "
+                      "matmuls sustain; default 0.6")
+    plan.add_argument("--out", metavar="PLAN_JSON", help="write the searched plan to this file")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _add_data_flags(parser: argparse.ArgumentParser, vocab_size: int | None = 4096,
                     held_out: Number = HELD_OUT) -> None:
     parser.add_argument("--data", default="stdlib", help="stdlib, a file, a directory or .jsonl")
@@ -361,6 +386,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _retro(args)
     elif args.command in ("eval", "generate"):
         from burrow import run_commands as verbs
+    elif args.command == "plan-parallel":
+        from burrow.parallel.planner import commands as verbs
     else:
         from burrow import commands as verbs
 
@@ -372,6 +399,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "data": ("prepare_command", "format_prepare"),
         "plan": ("plan_command", "format_plan"),
         "fit": ("fit_command", "format_fit"),
+        "plan-parallel": ("plan_parallel_command", "format_plan_parallel"),
     }
     if args.command in reports:
         run, formatter = (getattr(verbs, name) for name in reports[args.command])

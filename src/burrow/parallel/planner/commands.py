@@ -1,0 +1,158 @@
+"""`burrow plan-parallel`: Galvatron's plan for a preset on some GPUs, beside the best uniform
+plan and pure FSDP and DDP, as a table or (--json) one JSON object. Arithmetic only: no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from burrow import presets
+from burrow.errors import UserError
+from burrow.flops import flops_per_token, mfu
+from burrow.parallel.planner.hardware import EFFICIENCY, CostInputs, get_hardware
+from burrow.parallel.planner.plan import Plan
+from burrow.parallel.planner.search import Outcome, search
+from burrow.parallel.planner.stages import Job
+from burrow.paths import check_writable_dir
+from burrow.units import format_bytes, format_count, parse_bytes
+
+# Tokens per step when --global-batch is not given: 2^21, Gopher 7.1B's 2M-token batch (Rae et
+# al. 2021, Table 1), rounded to whole sequences.
+DEFAULT_BATCH_TOKENS = 2**21
+
+
+def plan_parallel_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Search the plan, write it to --out, and return the report --json prints."""
+    cfg = presets.get(args.preset)
+    hardware = get_hardware(args.hardware)
+    memory = parse_bytes(args.memory, "--memory") if args.memory else hardware.memory_bytes
+    efficiency = EFFICIENCY if args.efficiency is None else args.efficiency
+    inputs = CostInputs.from_hardware(hardware, memory_bytes=memory, efficiency=efficiency)
+    seq_len = args.seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds {args.preset}'s context of "
+                        f"{cfg.max_seq_len} tokens")
+    sequences = global_batch_sequences(args.global_batch, seq_len)
+    if args.out:
+        check_writable_dir(Path(args.out).parent, "folder of --out", "choose another --out")
+    job = Job(cfg, args.gpus, sequences, seq_len, preset=args.preset, precision=args.precision)
+    result = search(job, inputs)
+    if args.out:
+        result.best.save(args.out)
+    step_flops = flops_per_token(cfg, seq_len) * sequences * seq_len
+
+    def summary(plan: Plan) -> dict[str, Any]:
+        tokens_per_second = sequences * seq_len / plan.predicted_step_s
+        return {"predicted_step_s": plan.predicted_step_s,
+                "peak_memory_bytes": plan.peak_memory_bytes,
+                "tokens_per_second": tokens_per_second,
+                "mfu": mfu(tokens_per_second, step_flops / (sequences * seq_len),
+                           args.gpus * hardware.peak_flops)}
+
+    def outcome(found: Outcome) -> dict[str, Any]:
+        if found.plan is None:
+            return {"fits": False, "needs_bytes": found.needs_bytes}
+        return {"fits": True, **summary(found.plan), "plan": found.plan.to_dict()}
+
+    return {"plan": result.best.to_dict(), **summary(result.best),
+            "uniform_best": outcome(result.uniform),
+            "baselines": {name: outcome(found) for name, found in result.baselines.items()},
+            "job": {"preset": args.preset, "gpus": args.gpus, "hardware": hardware.name,
+                    "gpus_per_node": hardware.gpus_per_node, "memory_bytes": memory,
+                    "seq_len": seq_len, "global_batch_sequences": sequences,
+                    "precision": args.precision, "efficiency": efficiency},
+            "out": args.out}
+
+
+def global_batch_sequences(tokens: int | None, seq_len: int) -> int:
+    """Sequences per step from --global-batch TOKENS (a whole number of sequences), or about
+    DEFAULT_BATCH_TOKENS."""
+    if tokens is None:
+        return max(1, round(DEFAULT_BATCH_TOKENS / seq_len))
+    if tokens % seq_len:
+        below = tokens // seq_len
+        options = " or ".join(f"{n * seq_len} ({n} sequences)" for n in (below, below + 1) if n)
+        raise UserError(f"--global-batch {tokens} tokens is not a whole number of {seq_len}-token "
+                        f"sequences; use {options}")
+    return tokens // seq_len
+
+
+def format_plan_parallel(result: dict[str, Any]) -> str:
+    """The searched plan's stages and strategies, then the four plans side by side."""
+    job, plan = result["job"], Plan.from_dict(result["plan"])
+    lines = [f"{job['preset']} on {job['gpus']} x {job['hardware']} ({job['gpus_per_node']} per "
+             f"node, {format_bytes(job['memory_bytes'])} each), "
+             f"{job['global_batch_sequences']:,} sequences of {job['seq_len']:,} tokens a step",
+             "", f"searched plan: {_shape(plan)}; mesh {_mesh(plan)}"]
+    first = 0
+    for index, count in enumerate(plan.stages):
+        lines.append(f"  stage {index}: {count} layers")
+        for names, label in _runs(plan, first, first + count):
+            lines.append(f"    {names:<24} {label}")
+        first += count
+    header = f"{'':<24} {'step':>9} {'tokens/s':>9} {'MFU':>6} {'memory/GPU':>11}"
+    lines += ["", header, "-" * len(header),
+              _row("searched (per layer)", {"fits": True, **result}),
+              _row("best uniform", result["uniform_best"])]
+    baselines = result["baselines"]
+    lines += [_row(f"FSDP (dp_shard {job['gpus']})", baselines["fsdp"]),
+              _row(f"DDP (dp_replicate {job['gpus']})", baselines["ddp"])]
+    uniform = result["uniform_best"]
+    if uniform["fits"]:
+        lines.append(f"\nbest uniform plan: {_shape(Plan.from_dict(uniform['plan']))}, every "
+                     f"layer {Plan.from_dict(uniform['plan']).layers[0].strategy.label()}")
+    if result.get("out"):
+        lines.append(f"plan written to {result['out']}")
+    return "\n".join(lines)
+
+
+def _shape(plan: Plan) -> str:
+    return (f"pp {plan.pp}, {plan.micro_batches} micro-batches of {plan.micro_batch_size} "
+            "sequences")
+
+
+def _mesh(plan: Plan) -> str:
+    return " x ".join(f"{dim} {size}" for dim, size in plan.mesh.items() if size > 1) or "1 GPU"
+
+
+def _runs(plan: Plan, start: int, stop: int) -> list[tuple[str, str]]:
+    """(layers, strategy) for each run of equal strategies in layers[start:stop]."""
+    runs: list[tuple[list[str], str]] = []
+    for layer in plan.layers[start:stop]:
+        label = layer.strategy.label()
+        if runs and runs[-1][1] == label:
+            runs[-1][0].append(layer.name)
+        else:
+            runs.append(([layer.name], label))
+    return [(_names(names), label) for names, label in runs]
+
+
+def _names(names: list[str]) -> str:
+    """['embedding', 'block 0', ..., 'block 5'] -> 'embedding, blocks 0-5'."""
+    blocks = [int(name.split()[1]) for name in names if name.startswith("block ")]
+    parts = [name for name in names if name == "embedding"]
+    if blocks:
+        parts.append(f"block {blocks[0]}" if len(blocks) == 1
+                     else f"blocks {blocks[0]}-{blocks[-1]}")
+    return ", ".join(parts + [name for name in names if name == "head"])
+
+
+def _row(name: str, found: dict[str, Any]) -> str:
+    if not found["fits"]:
+        needs = found.get("needs_bytes")
+        why = (f"does not fit: needs {format_bytes(needs)}" if needs is not None
+               else "impossible for this batch")
+        return f"{name:<24} {why}"
+    return (f"{name:<24} {_seconds(found['predicted_step_s']):>9} "
+            f"{format_count(found['tokens_per_second']):>9}"
+            f" {found['mfu']:>6.1%} {format_bytes(found['peak_memory_bytes']):>11}")
+
+
+def _seconds(value: float) -> str:
+    """2.98 -> '2.98 s', 0.0123 -> '12.3 ms', 0.000194 -> '194 us'."""
+    for unit, size in (("s", 1.0), ("ms", 1e-3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value / 1e-6:.3g} us"
