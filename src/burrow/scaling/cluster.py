@@ -49,7 +49,7 @@ from burrow.parallel.planner.layers import PRECISIONS
 from burrow.scaling import plan as planning
 from burrow.scaling.laws import ScalingLaw, get_law
 from burrow.scaling.shapes import choose_shape
-from burrow.units import format_bytes, format_count, parse_bytes
+from burrow.units import format_bytes, format_count, format_duration, parse_bytes
 
 # Rounds of law -> shape -> plan -> MFU before giving up on a fixed point. From the default
 # guess of 0.4 the MFU moves by a few tens of percent, N_opt by a few percent (N_opt ∝ C^0.45
@@ -202,10 +202,10 @@ def plan_on_cluster(cluster: Cluster, *, flops: float | None = None,
                     gpu_hours: float | None = None, preset: str | None = None,
                     tokens: float | None = None, law: str = "chinchilla", arch: str = "llama",
                     vocab_size: int = 32_000,
-                    first_mfu: float = 0.4) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(budget, result): `burrow plan`'s result for the budget with the cluster's plan, its
-    speed and wall clock added. A budget in GPU-hours goes through `converge`; one in FLOPs
-    (or a preset's) is planned once."""
+                    first_mfu: float = 0.4) -> dict[str, Any]:
+    """`burrow plan`'s result for the budget (its "budget" included) with the cluster's plan,
+    its speed and wall clock added. A budget in GPU-hours goes through `converge`; one in
+    FLOPs (or a preset's) is planned once."""
     chosen = get_law(law)
     guess = _device(cluster, first_mfu)
     spent = planning.budget(flops=flops, gpu_hours=gpu_hours, preset=preset, tokens=tokens,
@@ -238,8 +238,8 @@ def plan_on_cluster(cluster: Cluster, *, flops: float | None = None,
         "tokens_per_second": speed.tokens_per_second, "mfu": speed.mfu,
         "mfu_with_attention": speed.mfu_with_attention, "days": days,
         "gpu_hours": days * 24 * cluster.gpus, "cluster": cluster.describe(),
-        "rounds": rounds, "converged": converged})
-    return spent, result
+        "rounds": rounds, "converged": converged, "budget": spent})
+    return result
 
 
 def _device(cluster: Cluster, utilisation: float) -> planning.Hardware:
@@ -289,12 +289,26 @@ def format_cluster(result: dict[str, Any]) -> list[str]:
              f"({result['mfu_with_attention']:.1%} with attention, PaLM appendix B), "
              f"{format_bytes(result['peak_memory_bytes'])} a GPU",
              f"train     D = {format_count(result['model']['tokens'])} tokens in "
-             f"{result['days']:.3g} days on {cluster['gpus']} GPUs = "
-             f"{result['gpu_hours']:,.0f} GPU-hours (predicted by the cost model, not measured)"]
+             f"{_days(result['days'])} on {cluster['gpus']} GPUs = "
+             f"{_hours(result['gpu_hours'])} GPU-hours "
+             "(predicted by the cost model, not measured)"]
     if len(result["rounds"]) > 1 or result["rounds"][0]["mfu_assumed"] is not None:
         lines.append("rounds    " + _rounds_text(result["rounds"], result["converged"],
                                                    result["model"]))
     return lines
+
+
+def _days(days: float) -> str:
+    """32.552 -> '32.6 days'; under a day '5h07m', under a minute '310 ms'."""
+    seconds = days * SECONDS_PER_DAY
+    if days >= 1:
+        return f"{days:.3g} days"
+    return format_duration(seconds) if seconds >= 60 else format_seconds(seconds)
+
+
+def _hours(hours: float) -> str:
+    """50000.0 -> '50,000'; 0.0123 -> '0.0123'."""
+    return f"{hours:,.0f}" if hours >= 100 else f"{hours:.3g}"
 
 
 def _rounds_text(rounds: list[dict[str, Any]], converged: bool, model: dict[str, Any]) -> str:

@@ -24,7 +24,8 @@ def plan_command(args: argparse.Namespace) -> dict[str, Any]:
     """`burrow plan`: the budget, the law's optimum, a model, its wall clock, all laws; with
     --cluster, the model's parallel plan and the wall clock it predicts (scaling/cluster.py)."""
     if args.cluster:
-        spent, result = _plan_on_cluster(args)
+        result = _plan_on_cluster(args)
+        spent = result["budget"]
     else:
         if args.memory or args.global_batch:
             raise UserError("--memory and --global-batch size the parallel plan: give them "
@@ -61,7 +62,7 @@ def plan_command(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _plan_on_cluster(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+def _plan_on_cluster(args: argparse.Namespace) -> dict[str, Any]:
     """`burrow plan --cluster`: the parallel planner (numpy) is imported only here."""
     from burrow.scaling import cluster
 
