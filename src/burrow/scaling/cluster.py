@@ -52,8 +52,9 @@ from burrow.scaling.shapes import choose_shape
 from burrow.units import format_bytes, format_count, format_duration, parse_bytes
 
 # Rounds of law -> shape -> plan -> MFU before giving up on a fixed point. From the default
-# guess of 0.4 the MFU moves by a few tens of percent, N_opt by a few percent (N_opt ∝ C^0.45
-# under Chinchilla's approach 3), and the shape settles in two to four rounds.
+# guess of 0.4 the first plan moves the MFU by tens of percent and N_opt by about 0.45 times
+# as much (N_opt ∝ C^0.45 under Chinchilla's approach 3); later rounds move both by a few
+# percent, and the shape settles in two or three rounds in most cases.
 MAX_ROUNDS = 6
 SECONDS_PER_DAY = 86_400.0
 _CLUSTER = re.compile(r"^\s*(\d+)\s*x\s*(\S.*?)\s*$", re.IGNORECASE)
@@ -93,7 +94,7 @@ class Cluster:
 def parse_cluster(text: str, *, memory: str | None = None, global_batch: int | None = None,
                   precision: str = "bf16") -> Cluster:
     """'64xh100' -> 64 GPUs of the planner's h100 row; `memory` ('80GB') defaults to its HBM,
-    `global_batch` (tokens) to DEFAULT_BATCH_TOKENS, 2^21."""
+    `global_batch` (tokens) to plan-parallel's 2^21."""
     found = _CLUSTER.match(text)
     if found is None:
         raise UserError(f"--cluster {text!r} is not COUNTxGPU; write e.g. --cluster 64xh100")
@@ -216,7 +217,7 @@ def plan_on_cluster(cluster: Cluster, *, flops: float | None = None,
         speed = plan_speed(cfg, cluster)
         rounds = [{"round": 1, "mfu_assumed": None, "flops": total,
                    "params": matmul_params(cfg), "n_layers": cfg.n_layers,
-                   "d_model": cfg.d_model, "mfu": speed.mfu}]
+                   "d_model": cfg.d_model, "mfu": speed.mfu, "flops_implied": None}]
         converged = True
     else:
         total, cfg, speed, rounds, converged = converge(
