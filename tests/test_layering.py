@@ -126,6 +126,8 @@ DATA = Path(__file__).resolve().parent / "data"
       "--out", "{tmp}"], ("torch", "burrow.train")),
     (["plan-parallel", "--preset", "nano", "--gpus", "8"], ("torch", "burrow.train",
                                                             "matplotlib")),
+    (["plan", "--gpu-hours", "100", "--cluster", "8xh100"], ("torch", "burrow.train",
+                                                             "matplotlib")),
 ])
 def test_arithmetic_verbs_start_without_torch(argv, heavy, tmp_path):
     """`burrow --help`, `presets`, `plan`, `fit` and `plan-parallel` start at once: each verb

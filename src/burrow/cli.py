@@ -245,10 +245,17 @@ def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--device", help="accelerator for the time estimate: h100, a100, "
                       "tpu v4, ... (see burrow.train.hardware.PEAK_FLOPS)")
     plan.add_argument("--mfu", type=FRACTION, default=0.4, help="model FLOPs utilization assumed "
-                      "(PaLM: 0.462); default 0.4")
+                      "(PaLM: 0.462); with --cluster only the first round's guess; default 0.4")
     plan.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "tf32", "fp32"))
-    plan.add_argument("--num-devices", type=POSITIVE_INT, default=1, help="devices training "
-                      "together, for the wall clock; default 1")
+    plan.add_argument("--num-devices", type=POSITIVE_INT, help="devices training together, for "
+                      "the wall clock; default 1")
+    plan.add_argument("--cluster", metavar="COUNTxGPU", help="plan the model's parallelism on "
+                      "these GPUs (64xh100; h100, h200, a100, a100-40gb) and predict its wall "
+                      "clock; replaces --device and --num-devices (docs/scaling.md)")
+    plan.add_argument("--memory", help="with --cluster: memory per GPU the plan may use (80GB, "
+                      "80GiB, 40e9); default the GPU's")
+    plan.add_argument("--global-batch", type=POSITIVE_INT, metavar="TOKENS", help="with "
+                      "--cluster: tokens per step, whole 2048-token sequences; default 2^21")
     plan.add_argument("--arch", default="llama", choices=("llama", "chinchilla"),
                       help="architecture family of the suggested model; default llama")
     plan.add_argument("--vocab-size", type=POSITIVE_INT, default=32_000,

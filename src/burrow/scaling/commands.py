@@ -21,14 +21,22 @@ _ARCH_WORDS = {"llama": "RoPE, RMSNorm, SwiGLU, untied embeddings",
 
 
 def plan_command(args: argparse.Namespace) -> dict[str, Any]:
-    """`burrow plan`: the budget, the law's optimum, a model, its wall clock, all laws."""
-    device = (planning.hardware(args.device, precision=args.precision, mfu=args.mfu)
-              if args.device else None)
-    spent = planning.budget(flops=args.flops, gpu_hours=args.gpu_hours, preset=args.preset,
-                            tokens=args.tokens, device=device)
-    result = planning.plan(spent["flops"], law=args.law, arch=args.arch,
-                           vocab_size=args.vocab_size, device=device,
-                           num_devices=args.num_devices)
+    """`burrow plan`: the budget, the law's optimum, a model, its wall clock, all laws; with
+    --cluster, the model's parallel plan and the wall clock it predicts (scaling/cluster.py)."""
+    if args.cluster:
+        result = _plan_on_cluster(args)
+        spent = result["budget"]
+    else:
+        if args.memory or args.global_batch:
+            raise UserError("--memory and --global-batch size the parallel plan: give them "
+                            "with --cluster (e.g. --cluster 64xh100)")
+        device = (planning.hardware(args.device, precision=args.precision, mfu=args.mfu)
+                  if args.device else None)
+        spent = planning.budget(flops=args.flops, gpu_hours=args.gpu_hours, preset=args.preset,
+                                tokens=args.tokens, device=device)
+        result = planning.plan(spent["flops"], law=args.law, arch=args.arch,
+                               vocab_size=args.vocab_size, device=device,
+                               num_devices=args.num_devices or 1)
     result["budget"] = spent
     if args.preset:
         law = planning.get_law(args.law)
@@ -38,13 +46,35 @@ def plan_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.emit_config:
         path = Path(args.emit_config)
         check_writable_dir(path.parent, "folder of --emit-config", "choose another PATH")
-        cfg = planning.run_config(result, data=args.data)
+        batch = {}
+        if args.cluster:  # the plan's global batch; the module is loaded already
+            from burrow.scaling import cluster
+
+            batch = cluster.train_batch(result)
+        cfg = planning.run_config(result, data=args.data, **batch)
         cfg.data = dataclasses.replace(cfg.data, text_field=args.text_field)
         path.parent.mkdir(parents=True, exist_ok=True)
         cfg.save(path)
         result["emitted_config"] = {"path": args.emit_config, "max_steps": cfg.train.max_steps,
                                     "batch_tokens": cfg.train.batch_tokens, "lr": cfg.train.lr}
+        if args.cluster:
+            result.update(cluster.emit_plan(result, path))
     return result
+
+
+def _plan_on_cluster(args: argparse.Namespace) -> dict[str, Any]:
+    """`burrow plan --cluster`: the parallel planner (numpy) is imported only here."""
+    from burrow.scaling import cluster
+
+    if args.device or args.num_devices:
+        raise UserError(f"--cluster {args.cluster} names the GPUs and how many; leave out "
+                        "--device and --num-devices")
+    on = cluster.parse_cluster(args.cluster, memory=args.memory,
+                               global_batch=args.global_batch, precision=args.precision)
+    return cluster.plan_on_cluster(on, flops=args.flops, gpu_hours=args.gpu_hours,
+                                   preset=args.preset, tokens=args.tokens, law=args.law,
+                                   arch=args.arch, vocab_size=args.vocab_size,
+                                   first_mfu=args.mfu)
 
 
 def _loss(value: float | None) -> str:
@@ -78,7 +108,7 @@ def _budget_line(result: dict[str, Any]) -> str:
         time = result["time"]
         return (f"budget    {flops:.3g} FLOPs = {spent['gpu_hours']:g} {time['device']} hours x "
                 f"3600 x {time['peak_flops']:.4g} FLOP/s ({time['precision']}) x MFU "
-                f"{time['mfu']:g}")
+                f"{time['mfu']:.3g}")
     if spent["given_as"] == "preset":
         return (f"budget    {flops:.3g} FLOPs = 6 x {spent['params']:,} parameters of "
                 f"{spent['preset']} x {spent['tokens']:.3g} tokens")
@@ -156,14 +186,27 @@ def format_plan(result: dict[str, Any]) -> str:
              + (f" (predicted by the {law['loss_from']} law)" if law["loss_from"] else
                 " (this law predicts no loss)"),
              f"check     6 x N_opt x D_opt = {best['flops_check']:.4g} FLOPs",
-             *_model_lines(result["model"]), *_time_line(result["time"])]
+             *_model_lines(result["model"])]
+    if "plan" in result:  # --cluster: the parallel plan and the wall clock it predicts
+        from burrow.scaling.cluster import format_cluster
+
+        lines += format_cluster(result)
+    else:
+        lines += _time_line(result["time"])
     if "preset" in result:
         lines += _preset_lines(result["preset"], result["budget"], law["name"])
     if "emitted_config" in result:
         emitted = result["emitted_config"]
-        lines.append(f"config    {emitted['path']}: {emitted['max_steps']:,} steps of "
+        plan = f" and plan {result['emitted_plan']}" if "emitted_plan" in result else ""
+        start = ("the launch line" if "launch" in result else
+                 f"`burrow train --config {emitted['path']}`")
+        lines.append(f"config    {emitted['path']}{plan}: {emitted['max_steps']:,} steps of "
                      f"{emitted['batch_tokens']:,} tokens, lr {emitted['lr']:g}; train it with "
-                     f"`burrow train --config {emitted['path']}`")
+                     f"{start}")
+        if "launch" in result:
+            lines.append(f"launch    {result['launch']}")
+            if result["cluster"]["nodes"] > 1:
+                lines.append("          on each node; HOST is the first node's address")
     if law.get("note"):
         lines.append(f"note      {law['note']}")
     lines += _laws_table(result["laws"])

@@ -173,21 +173,25 @@ def batch_and_lr(flops: float) -> tuple[float, float]:
     return 0.2920 * flops**0.3271, 0.3118 * flops**-0.1250
 
 
-def run_config(result: dict[str, Any], *, data: str = "stdlib") -> RunConfig:
+def run_config(result: dict[str, Any], *, data: str = "stdlib", batch_tokens: int | None = None,
+               micro_batch_size: int | None = None) -> RunConfig:
     """A RunConfig that trains the planned model on its share of the budget.
 
-    The batch is DeepSeek's B_opt rounded to a power-of-two number of 2048-token sequences;
-    max_steps spends the tokens of `describe_model`; cosine decay to 10% over the whole run
-    (Chinchilla §3.2 and Appendix D: the cycle matched to the training tokens), warmup 1500
-    steps as Gopher (Rae et al. 2021, Appendix C) or 5% of the run when that is shorter.
+    The batch is `batch_tokens` (a parallel plan's global batch) or else DeepSeek's B_opt
+    rounded to a power-of-two number of 2048-token sequences; max_steps spends the tokens of
+    `describe_model`; cosine decay to 10% over the whole run (Chinchilla §3.2 and Appendix D:
+    the cycle matched to the training tokens), warmup 1500 steps as Gopher (Rae et al. 2021,
+    Appendix C) or 5% of the run when that is shorter.
     """
     model = ModelConfig(**result["model"]["config"])
     batch, lr = batch_and_lr(result["flops"])
-    sequences = 2 ** max(0, round(math.log2(batch / PLAN_SEQ_LEN)))
-    batch_tokens = sequences * PLAN_SEQ_LEN
+    if batch_tokens is None:
+        batch_tokens = 2 ** max(0, round(math.log2(batch / PLAN_SEQ_LEN))) * PLAN_SEQ_LEN
+    sequences = batch_tokens // PLAN_SEQ_LEN
     steps = max(1, round(result["model"]["tokens"] / batch_tokens))
     train = TrainConfig(max_steps=steps, batch_tokens=batch_tokens, seq_len=PLAN_SEQ_LEN,
-                        micro_batch_size=min(sequences, 8), lr=float(f"{lr:.2g}"),
+                        micro_batch_size=micro_batch_size or min(sequences, 8),
+                        lr=float(f"{lr:.2g}"),
                         warmup_steps=min(1500, max(1, steps // 20)), schedule="cosine",
                         min_lr_ratio=0.1, eval_every=max(1, steps // 20),
                         save_every=max(1, steps // 20))

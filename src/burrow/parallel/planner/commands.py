@@ -85,13 +85,8 @@ def format_plan_parallel(result: dict[str, Any]) -> str:
     lines = [f"{job['preset']} on {job['gpus']} x {job['hardware']} ({job['gpus_per_node']} per "
              f"node, {format_bytes(job['memory_bytes'])} each), "
              f"{job['global_batch_sequences']:,} sequences of {job['seq_len']:,} tokens a step",
-             "", f"searched plan: {_shape(plan)}; mesh {_mesh(plan)}"]
-    first = 0
-    for index, count in enumerate(plan.stages):
-        lines.append(f"  stage {index}: {count} layers")
-        for names, label in _runs(plan, first, first + count):
-            lines.append(f"    {names:<24} {label}")
-        first += count
+             "", f"searched plan: {describe_shape(plan)}; mesh {describe_mesh(plan)}",
+             *stage_lines(plan)]
     header = f"{'':<24} {'step':>9} {'tokens/s':>9} {'MFU':>6} {'memory/GPU':>11}"
     lines += ["", header, "-" * len(header),
               _row("searched (per layer)", {"fits": True, **result}),
@@ -101,20 +96,34 @@ def format_plan_parallel(result: dict[str, Any]) -> str:
               _row(f"DDP (dp_replicate {job['gpus']})", baselines["ddp"])]
     uniform = result["uniform_best"]
     if uniform["fits"]:
-        lines.append(f"\nbest uniform plan: {_shape(Plan.from_dict(uniform['plan']))}, every "
-                     f"layer {Plan.from_dict(uniform['plan']).layers[0].strategy.label()}")
+        best_uniform = Plan.from_dict(uniform["plan"])
+        lines.append(f"\nbest uniform plan: {describe_shape(best_uniform)}, every layer "
+                     f"{best_uniform.layers[0].strategy.label()}")
     if result.get("out"):
         lines.append(f"plan written to {result['out']}")
     return "\n".join(lines)
 
 
-def _shape(plan: Plan) -> str:
+def describe_shape(plan: Plan) -> str:
+    """'pp 2, 64 micro-batches of 16 sequences'."""
     return (f"pp {plan.pp}, {plan.micro_batches} micro-batches of {plan.micro_batch_size} "
             "sequences")
 
 
-def _mesh(plan: Plan) -> str:
+def describe_mesh(plan: Plan) -> str:
+    """'pp 2 x dp_replicate 16 x tp 2': the mesh's dimensions above one."""
     return " x ".join(f"{dim} {size}" for dim, size in plan.mesh.items() if size > 1) or "1 GPU"
+
+
+def stage_lines(plan: Plan, indent: str = "  ") -> list[str]:
+    """Each pipeline stage's layer count, then its runs of layers that share a strategy."""
+    lines, first = [], 0
+    for index, count in enumerate(plan.stages):
+        lines.append(f"{indent}stage {index}: {count} layers")
+        for names, label in _runs(plan, first, first + count):
+            lines.append(f"{indent}  {names:<24} {label}")
+        first += count
+    return lines
 
 
 def _runs(plan: Plan, start: int, stop: int) -> list[tuple[str, str]]:
@@ -145,12 +154,12 @@ def _row(name: str, found: dict[str, Any]) -> str:
         why = (f"does not fit: needs {format_bytes(needs)}" if needs is not None
                else "impossible for this batch")
         return f"{name:<24} {why}"
-    return (f"{name:<24} {_seconds(found['predicted_step_s']):>9} "
+    return (f"{name:<24} {format_seconds(found['predicted_step_s']):>9} "
             f"{format_count(found['tokens_per_second']):>9}"
             f" {found['mfu']:>6.1%} {format_bytes(found['peak_memory_bytes']):>11}")
 
 
-def _seconds(value: float) -> str:
+def format_seconds(value: float) -> str:
     """2.98 -> '2.98 s', 0.0123 -> '12.3 ms', 0.000194 -> '194 us'."""
     for unit, size in (("s", 1.0), ("ms", 1e-3)):
         if value >= size:
