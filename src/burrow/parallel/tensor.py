@@ -78,7 +78,9 @@ def apply_tensor_parallel(model: nn.Module, mesh) -> None:
     })
     if model.pos_embed is not None:
         # (T, d) learned positions are added to the stream's T / tp positions: the table is
-        # replicated, and each rank looks up its own positions.
+        # replicated, and each rank looks up its own positions. The positions (T,) are the
+        # same on every rank: marked whole first, SequenceParallel then slices them (it would
+        # take a plain tensor for this rank's slice already).
         parallelize_module(model.pos_embed, mesh, PrepareModuleInput(
             input_layouts=Replicate(), desired_input_layouts=Replicate()))
         parallelize_module(model.pos_embed, mesh, SequenceParallel(sequence_dim=0,
@@ -113,7 +115,8 @@ class VocabParallelLoss:
     Called inside the model's forward with the final norm's output, a DTensor split over the
     sequence, and the output matrix (V, d), a DTensor split by rows: each rank multiplies the
     whole sequence by its V / tp rows, and the softmax's maximum, normaliser and the target's
-    logit are combined across the ranks (loss_parallel for the cross-entropy).
+    logit are combined across the ranks (loss_parallel for the cross-entropy). model.loss_kernel
+    does not apply: the chunked kernel walks each row's whole vocabulary, which no rank has.
     """
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

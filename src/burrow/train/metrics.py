@@ -113,10 +113,13 @@ class AuxMeter:
         self.step, self.interval, self.steps = {}, {}, 0
 
 
-def setup_line(cfg: Any, where: str, accumulation: int, data_parallel: int, train_tokens: int,
+def setup_line(cfg: Any, dims: Any, device: Any, accumulation: int, train_tokens: int,
                val_tokens: int) -> str:
-    """The line a run starts with: the model's size, where it runs, the batch and the data."""
-    model, train = cfg.model, cfg.train
+    """The line a run starts with: the model's size, where it runs (on how many processes,
+    spread as ParallelDims `dims` says), the batch and the data."""
+    model, train, data_parallel = cfg.model, cfg.train, dims.dp_degree
+    where = (f"{dims.world_size} x {device.type} ({dims.describe()})" if dims.world_size > 1
+             else str(device))
     active_params = model.num_params(active=True)
     active = (f", {active_params:,} active per token"
               if active_params != model.num_params() else "")

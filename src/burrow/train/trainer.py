@@ -149,9 +149,7 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, dtype) * self.runtime.world_size
         if checkpoint is not None:  # checked by rank 0 above
             self._restore(checkpoint, verify=False)
-        where = (f"{self.runtime.world_size} x {self.device.type} ({self.dims.describe()})"
-                 if self.runtime.distributed else str(self.device))
-        self.log(setup_line(cfg, where, self.accumulation, self.dims.dp_degree,
+        self.log(setup_line(cfg, self.dims, self.device, self.accumulation,
                             self.train_data.num_tokens,
                             self.val_data.num_tokens if self.val_data else 0))
 
