@@ -24,14 +24,18 @@ COMMON = ["--preset", "micro", "--data", str(CORPUS), "--set", "model.vocab_size
 
 
 def train(out: Path, steps: int, processes: int = 1, parallel: str = "none",
-          resume: bool = False, extra: tuple[str, ...] = ()) -> list[float]:
+          resume: bool = False, extra: tuple[str, ...] = (),
+          data_parallel: int | None = None) -> list[float]:
+    """The train losses of `burrow train` on the test corpus; `data_parallel` ranks (default:
+    every process) share the step's 8 sequences."""
     if processes == 1:
         launcher = [sys.executable, "-m", "burrow"]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node", str(processes), "-m", "burrow"]
     args = [*launcher, "train", *COMMON, "--out", str(out), "--max-steps", str(steps),
-            "--micro-batch-size", str(8 // processes), "--parallel", parallel, *extra]
+            "--micro-batch-size", str(8 // (data_parallel or processes)), "--parallel", parallel,
+            *extra]
     result = subprocess.run(args + (["--resume"] if resume else []), capture_output=True,
                             text=True, timeout=300, env=os.environ.copy())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -54,7 +58,8 @@ def test_two_processes_match_one(tmp_path, single, parallel):
     assert losses == pytest.approx(single, rel=1e-4)
     plan = json.loads((tmp_path / "run" / "parallel.json").read_text())
     assert plan == {"world_size": 2, "dp_replicate": 2 if parallel == "ddp" else 1,
-                    "dp_shard": 2 if parallel == "fsdp" else 1, "mode": parallel, "ep": 1}
+                    "dp_shard": 2 if parallel == "fsdp" else 1, "mode": parallel, "ep": 1,
+                    "tp": 1, "pp": 1}
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -115,7 +120,7 @@ def test_parallel_dims_validation():
         ParallelDims.for_mode("none", 2)
     with pytest.raises(UserError, match="does not equal the world size"):
         ParallelDims(world_size=4, dp_replicate=3, mode="ddp")
-    with pytest.raises(UserError, match="hybrid"):
-        ParallelDims(world_size=4, dp_replicate=2, dp_shard=2, mode="fsdp")
+    hybrid = ParallelDims.for_mode("fsdp", 4, dp_replicate=2)  # HSDP: 2 replicas of 2 shards
+    assert (hybrid.dp_replicate, hybrid.dp_shard, hybrid.dp_degree) == (2, 2, 4)
     with pytest.raises(UserError, match=r"train\.parallel"):
         ParallelDims(mode="tp")

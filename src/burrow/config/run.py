@@ -76,8 +76,19 @@ class TrainConfig:
     precision: str = "auto"
     # Data parallelism under torchrun: "none", "ddp" or "fsdp" (FSDP2, sharded checkpoints).
     parallel: str = "none"
+    # Split each block's heads and hidden units and the vocabulary over this many ranks
+    # (tensor parallelism, with fsdp or none).
+    tensor_parallel: int = 1
+    # Data-parallel replicas; 0 = every data-parallel rank under ddp, 1 under fsdp (more:
+    # HSDP, replicas of the shards).
+    data_parallel_replicate: int = 0
+    # Data-parallel shards (fsdp); 0 = the ranks left: world / (replicas x tensor_parallel).
+    data_parallel_shard: int = 0
     # Split each sparse layer's experts over this many ranks (expert parallelism, with ddp).
     expert_parallel: int = 1
+    # Blocks whose activations are recomputed in the backward pass (activation
+    # checkpointing): "none", "all", or block indices such as "0,2,5".
+    checkpoint_layers: str = "none"
     # Loss-spike recovery (PaLM §5.1): a loss above spike_factor x the mean of the last
     # spike_window losses is a spike; 0 = off.
     spike_factor: float = 0.0
@@ -94,16 +105,18 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UserError naming the field and the fix if a value is invalid."""
         for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "lr", "log_every",
-                     "expert_parallel"):
+                     "expert_parallel", "tensor_parallel"):
             check_positive(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "grad_clip",
                      "weight_decay", "eval_tokens", "spike_factor", "spike_rollback",
-                     "spike_skip", "decay_steps", "schedule_steps"):
+                     "spike_skip", "decay_steps", "schedule_steps", "data_parallel_replicate",
+                     "data_parallel_shard"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         check_choice(self.schedule, ("cosine", "constant", "wsd", "rsqrt"), "train.schedule")
         check_choice(self.precision, ("auto", "fp32", "bf16"), "train.precision")
         check_choice(self.parallel, ("none", "ddp", "fsdp"), "train.parallel")
+        self.checkpointed(None)
         if self.spike_factor and self.spike_factor <= 1.0:
             raise UserError(f"train.spike_factor must be above 1 (or 0 = off), got "
                             f"{self.spike_factor}")
@@ -112,6 +125,24 @@ class TrainConfig:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+    def checkpointed(self, n_layers: int | None) -> frozenset[int]:
+        """The blocks checkpoint_layers names, of a model with `n_layers` (None: only check
+        the spelling); UserError for a value that names none."""
+        spec = self.checkpoint_layers.strip().lower()
+        if spec == "none":
+            return frozenset()
+        if spec == "all":
+            return frozenset(range(n_layers or 0))
+        parts = [part.strip() for part in spec.strip("[]").split(",")]
+        if not all(part.isdigit() for part in parts):
+            raise UserError(f"train.checkpoint_layers={self.checkpoint_layers!r} is not none, "
+                            "all or a list of block indices such as 0,2,5")
+        layers = frozenset(int(part) for part in parts)
+        if n_layers is not None and max(layers) >= n_layers:
+            raise UserError(f"train.checkpoint_layers names block {max(layers)}, but the model "
+                            f"has blocks 0 to {n_layers - 1}")
+        return layers
 
 
 @dataclass
@@ -192,6 +223,9 @@ class RunConfig:
         self.data.validate()
         if self.distill is not None:
             self.distill.validate()
+            if self.train.tensor_parallel > 1:
+                raise UserError("distillation under tensor parallelism is not supported (the "
+                                "teacher's logits would be split); drop --tensor-parallel")
             if self.model.moe.enabled:
                 raise UserError(
                     f"the student {self.preset or 'model'} is sparse (model.moe.num_experts="
@@ -207,6 +241,7 @@ class RunConfig:
             raise UserError(f"train.seq_len={self.train.seq_len} must be a multiple of "
                             f"model.retro.chunk_size={retro.chunk_size} (RETRO retrieves for "
                             "whole chunks)")
+        self.train.checkpointed(self.model.n_layers)
         if self.train.seq_len > self.model.max_seq_len:
             raise UserError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="

@@ -55,9 +55,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = project(self, x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts are read from the projections, not the config: split by tensor
+        # parallelism (parallel/tensor.py), a rank holds H / tp query and K / tp key heads.
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if ctx.rotary is not None:
             q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
         if ctx.cache is not None:  # (B, K, S, D): the cached keys and values, these included

@@ -69,6 +69,9 @@ class Transformer(nn.Module):
         # PaLM §2: with shared embeddings of variance 1, the logits are scaled by d^-1/2.
         tied_fan_in = cfg.tie_embeddings and cfg.init == "fan_in"
         self.logit_scale = cfg.d_model ** -0.5 if tied_fan_in else 1.0
+        # The loss computed when labels are given without an objective; replaceable from
+        # outside, e.g. by one that reads logits split over the vocabulary (parallel/tensor.py).
+        self.objective: Objective = LanguageModelLoss()
         self.init_weights()
 
     @torch.no_grad()
@@ -136,7 +139,7 @@ class Transformer(nn.Module):
         x = self.norm(x[:, -1:] if last_only else x)
         out = ModelOutput(x, lambda: self._logits(x), ctx.aux)
         if labels is not None:
-            objective = objective or LanguageModelLoss()
+            objective = objective or self.objective
             loss, out.cross_entropy, out.metrics = objective(
                 x, self.output_weight, labels, scale=self.logit_scale, z_loss=self.cfg.z_loss,
                 kernel=self.cfg.loss_kernel)

@@ -8,7 +8,7 @@ imported without torch.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from burrow.parallel.dims import ParallelDims
+    from burrow.parallel.dims import LayerStrategy, ParallelDims
     from burrow.parallel.expert import clip_grad_norm_
     from burrow.parallel.runtime import (
         Runtime,
@@ -17,17 +17,22 @@ if TYPE_CHECKING:
         resolve_device,
         shutdown,
     )
+    from burrow.parallel.tensor import check_tensor_parallel, loss_parallel_context
     from burrow.parallel.wrap import gradient_sync, parallelize
 
 # name -> the module that defines it
-_LAZY = {"ParallelDims": "burrow.parallel.dims", "clip_grad_norm_": "burrow.parallel.expert",
+_LAZY = {"LayerStrategy": "burrow.parallel.dims", "ParallelDims": "burrow.parallel.dims",
+         "clip_grad_norm_": "burrow.parallel.expert",
          "Runtime": "burrow.parallel.runtime", "init_runtime": "burrow.parallel.runtime",
          "launched_world_size": "burrow.parallel.runtime",
          "resolve_device": "burrow.parallel.runtime", "shutdown": "burrow.parallel.runtime",
+         "check_tensor_parallel": "burrow.parallel.tensor",
+         "loss_parallel_context": "burrow.parallel.tensor",
          "gradient_sync": "burrow.parallel.wrap", "parallelize": "burrow.parallel.wrap"}
 
-__all__ = ["ParallelDims", "Runtime", "clip_grad_norm_", "gradient_sync", "init_runtime",
-           "launched_world_size", "parallelize", "resolve_device", "shutdown"]
+__all__ = ["LayerStrategy", "ParallelDims", "Runtime", "check_tensor_parallel",
+           "clip_grad_norm_", "gradient_sync", "init_runtime", "launched_world_size",
+           "loss_parallel_context", "parallelize", "resolve_device", "shutdown"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,10 @@
 """One validated object that says how a job is spread over processes (torchtitan's ParallelDims).
 
-It checks the degrees against the world size, builds the DeviceMesh, and is saved in the run
-directory (parallel.json) so a plan is a file a user can read.
+The degrees multiply to the world size: pp x dp_replicate x dp_shard x tp processes, laid out
+in that order on one DeviceMesh with named dimensions, tensor parallelism innermost (consecutive
+ranks, which share the fastest links on a machine). `ParallelDims` checks the degrees before a
+process group is joined, builds the mesh, and is saved in the run directory (parallel.json) so
+that a plan is a file a user can read. `LayerStrategy` is what a planner says of each block.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from burrow.config import TrainConfig
 from burrow.errors import UserError
 
 MODES = ("none", "ddp", "fsdp")
+# The mesh's dimensions, outermost first; a degree of 1 leaves its dimension out.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 @dataclass(frozen=True)
@@ -21,33 +27,46 @@ class ParallelDims:
 
     # Number of processes in the job.
     world_size: int = 1
-    # Data-parallel replicas (DDP): each holds the whole model.
+    # Data-parallel replicas: each holds the whole model (ddp), or a copy of the shards (fsdp).
     dp_replicate: int = 1
     # Data-parallel shards (FSDP2): parameters, gradients and optimiser state split this many ways.
     dp_shard: int = 1
-    # How the model is wrapped: "none", "ddp" or "fsdp".
+    # How the data-parallel ranks hold the model: "none", "ddp" or "fsdp".
     mode: str = "none"
     # Expert parallelism: each sparse layer's experts split over this many ranks (GShard).
     ep: int = 1
+    # Tensor parallelism: each block's heads and hidden units split over this many ranks.
+    tp: int = 1
+    # Pipeline stages (not built yet: always 1).
+    pp: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"train.parallel={self.mode!r} is not one of {', '.join(MODES)}")
-        for name in ("world_size", "dp_replicate", "dp_shard", "ep"):
+        for name in ("world_size", "dp_replicate", "dp_shard", "ep", "tp", "pp"):
             if getattr(self, name) < 1:
                 raise UserError(f"parallel {name} must be >= 1, got {getattr(self, name)}")
-        if self.mode == "none" and self.world_size > 1:
+        if self.pp > 1:
+            raise UserError(f"pipeline parallelism (pp={self.pp}) is not built yet; use pp=1")
+        if self.world_size % self.tp:
+            raise UserError(f"train.tensor_parallel={self.tp} must divide the number of "
+                            f"processes ({self.world_size}); start a multiple of {self.tp} "
+                            "with torchrun --nproc_per_node, or pass --tensor-parallel 1")
+        if self.mode == "none" and self.world_size > self.tp:
+            split = f" and train.tensor_parallel is {self.tp}" if self.tp > 1 else ""
             raise UserError(f"{self.world_size} processes were started but train.parallel is "
-                            "none; pass --parallel ddp or --parallel fsdp")
-        if self.dp_replicate * self.dp_shard != self.world_size:
-            raise UserError(f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} does "
-                            f"not equal the world size {self.world_size}")
-        hybrid = self.dp_replicate > 1 and self.dp_shard > 1
-        if hybrid or (self.mode == "ddp" and self.dp_shard > 1) or (
-                self.mode == "fsdp" and self.dp_replicate > 1):
-            raise UserError(f"{self.mode} takes all {self.world_size} processes as "
-                            f"{'replicas' if self.mode == 'ddp' else 'shards'}; hybrid sharding "
-                            "(replicas of shards) is not supported yet")
+                            f"none{split}; pass --parallel ddp or --parallel fsdp")
+        if self.mode == "ddp" and self.dp_shard > 1:
+            raise UserError(f"--parallel ddp replicates the whole model; dp_shard={self.dp_shard}"
+                            " shards it: use --parallel fsdp (with --data-parallel-replicate for "
+                            "replicas of the shards)")
+        if self.mode == "ddp" and self.tp > 1:
+            raise UserError(f"--parallel ddp cannot hold a tensor-parallel model (tp={self.tp}); "
+                            "use --parallel fsdp, which keeps replicas with "
+                            "--data-parallel-replicate")
+        if self.pp * self.dp_replicate * self.dp_shard * self.tp != self.world_size:
+            raise UserError(f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x "
+                            f"tp={self.tp} does not equal the world size {self.world_size}")
         if self.world_size % self.ep:
             raise UserError(f"train.expert_parallel={self.ep} must divide the number of "
                             f"processes ({self.world_size}); start a multiple of {self.ep} "
@@ -57,14 +76,28 @@ class ParallelDims:
                             f"parallelism with {self.mode} is not supported")
 
     @classmethod
-    def for_mode(cls, mode: str, world_size: int, ep: int = 1) -> ParallelDims:
-        """The degrees of a data-parallel job: all replicas (ddp) or all shards (fsdp), the
-        experts split over `ep` of the ranks."""
+    def for_mode(cls, mode: str, world_size: int, ep: int = 1, *, tp: int = 1,
+                 dp_replicate: int = 0, dp_shard: int = 0) -> ParallelDims:
+        """The degrees of a job of `world_size` processes: `tp` of them split each layer, and
+        the world / tp data-parallel ranks are all replicas (ddp) or all shards (fsdp), unless
+        `dp_replicate` or `dp_shard` say how many (0: the rest). Experts split over `ep`."""
+        data_parallel = max(1, world_size // max(tp, 1))
         if mode == "ddp":
-            return cls(world_size, dp_replicate=world_size, mode=mode, ep=ep)
-        if mode == "fsdp":
-            return cls(world_size, dp_shard=world_size, mode=mode, ep=ep)
-        return cls(world_size, mode=mode, ep=ep)
+            dp_replicate, dp_shard = dp_replicate or data_parallel, dp_shard or 1
+        elif mode == "fsdp":
+            dp_replicate = dp_replicate or 1
+            dp_shard = dp_shard or max(1, data_parallel // dp_replicate)
+        else:
+            dp_replicate, dp_shard = dp_replicate or 1, dp_shard or 1
+        return cls(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, mode=mode, ep=ep,
+                   tp=tp)
+
+    @classmethod
+    def for_train(cls, train: TrainConfig, world_size: int) -> ParallelDims:
+        """The degrees a run's train config asks of a job of `world_size` processes."""
+        return cls.for_mode(train.parallel, world_size, ep=train.expert_parallel,
+                            tp=train.tensor_parallel, dp_replicate=train.data_parallel_replicate,
+                            dp_shard=train.data_parallel_shard)
 
     def check_experts(self, num_experts: int) -> None:
         """Raise UserError unless the model's experts split evenly over the ep ranks."""
@@ -80,16 +113,69 @@ class ParallelDims:
         """Processes that read different data."""
         return self.dp_replicate * self.dp_shard
 
+    def dp_rank(self, rank: int) -> int:
+        """Which share of the data global rank `rank` reads: the ranks of a tensor-parallel
+        group compute one model on the same batch."""
+        return rank // self.tp % self.dp_degree
+
+    @property
+    def sharded(self) -> bool:
+        """Whether a rank holds only part of the weights (then checkpoints are DCP shards)."""
+        return self.mode == "fsdp" or self.tp > 1
+
+    def describe(self) -> str:
+        """The layout in words, for the log: e.g. "fsdp, 2 replicas x 2 shards, tp 2"."""
+        parts = [self.mode] if self.mode != "none" else []
+        if self.mode == "fsdp" and self.dp_replicate > 1:
+            parts.append(f"{self.dp_replicate} replicas x {self.dp_shard} shards")
+        if self.tp > 1:
+            parts.append(f"tp {self.tp}")
+        if self.ep > 1:
+            parts.append(f"experts split over {self.ep} ranks")
+        return ", ".join(parts) or self.mode
+
     def build_mesh(self, device_type: str):
-        """The DeviceMesh (needs an initialised process group): over the data-parallel ranks,
-        or with expert parallelism (world / ep replicas of the experts, ep), each row of ep
-        consecutive ranks holding all the experts between them."""
+        """The DeviceMesh (needs an initialised process group) over the dimensions of
+        MESH_DIMS whose degree is above 1, and "dp_shard" always under fsdp (of size 1, FSDP2
+        keeps replicas of whole weights: plain data parallelism). A world of one: ("dp_shard",).
+
+        With expert parallelism it is (world / ep replicas of the experts, ep), each row of ep
+        consecutive ranks holding all the experts between them.
+        """
         from torch.distributed.device_mesh import init_device_mesh
 
         if self.ep > 1:
             return init_device_mesh(device_type, (self.world_size // self.ep, self.ep),
                                     mesh_dim_names=("ep_replicate", "ep"))
-        return init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("dp",))
+        names = tuple(name for name in MESH_DIMS if getattr(self, name) > 1
+                      or (name == "dp_shard" and self.mode == "fsdp")) or ("dp_shard",)
+        return init_device_mesh(device_type, tuple(getattr(self, name) for name in names),
+                                mesh_dim_names=names)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+
+@dataclass(frozen=True)
+class LayerStrategy:
+    """How one block is spread and recomputed: a planner's answer for that layer (Galvatron).
+
+    The product dp_replicate x dp_shard x tp is the job's world size (pp = 1).
+    """
+
+    # Data-parallel replicas of this block's weights.
+    dp_replicate: int = 1
+    # Data-parallel shards of this block's weights (FSDP2).
+    dp_shard: int = 1
+    # Tensor-parallel split of this block's heads and hidden units.
+    tp: int = 1
+    # Recompute this block's activations in the backward pass instead of keeping them.
+    checkpoint: bool = False
+
+    @classmethod
+    def uniform(cls, dims: ParallelDims, n_layers: int,
+                checkpointed: frozenset[int] = frozenset()) -> list[LayerStrategy]:
+        """Every block as `dims` says, the blocks in `checkpointed` recomputed."""
+        return [cls(dims.dp_replicate, dims.dp_shard, dims.tp, layer in checkpointed)
+                for layer in range(n_layers)]
+

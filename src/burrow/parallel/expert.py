@@ -27,6 +27,8 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from burrow.model.moe import Experts, SwitchMLP
 
 EXPERT_WEIGHTS = ("up_proj", "gate_proj", "down_proj")
+# The name part torch's checkpoint_wrapper adds (parallel/wrap.py), which state dicts leave out.
+CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,10 @@ def _capacity_agreement(shard: ExpertShard, experts: Experts):
 
 
 def _expert_weights(model: nn.Module) -> list[tuple[str, nn.Parameter, ExpertShard]]:
-    """(name, weight, shard) of every sharded expert weight of `model`."""
-    return [(f"{name}.{weight_name}".lstrip("."), weight, _SHARDS[module])
+    """(name, weight, shard) of every sharded expert weight of `model`, named as in its state
+    dict: without the module that activation checkpointing wraps a block in."""
+    return [(f"{name}.{weight_name}".lstrip(".").replace(CHECKPOINT_WRAPPER, ""), weight,
+             _SHARDS[module])
             for name, module in model.named_modules() if module in _SHARDS
             for weight_name, weight in module.named_parameters(recurse=False)]
 

@@ -1,4 +1,6 @@
-"""Parallelism applied from outside a plain Transformer, in torchtitan's order.
+"""Parallelism applied from outside a plain Transformer, in torchtitan's order: tensor parallelism,
+activation checkpointing, compilation, then data parallelism (FSDP2 on the data-parallel
+dimensions of the mesh, or DDP).
 
 The model knows nothing of this: `parallelize` returns the module the training loop calls.
 """
@@ -10,14 +12,29 @@ import contextlib
 import torch
 from torch import nn
 
-from burrow.parallel.dims import ParallelDims
+from burrow.errors import UserError
+from burrow.parallel.dims import LayerStrategy, ParallelDims
 from burrow.parallel.expert import reduce_expert_gradients, shard_experts
+from burrow.parallel.tensor import apply_tensor_parallel
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, device: torch.device,
-                bf16: bool) -> nn.Module:
-    """DDP (after splitting the experts, with dims.ep), or FSDP2 (each block sharded, then the
-    root), or the model itself."""
+def parallelize(model: nn.Module, dims: ParallelDims, device: torch.device, bf16: bool, *,
+                layers: list[LayerStrategy] | None = None, compile: bool = False) -> nn.Module:
+    """Spread `model` as `dims` says and return the module to call.
+
+    `layers` (one LayerStrategy per block; default: every block as `dims`, none recomputed)
+    chooses which blocks recompute their activations in the backward pass; their degrees must
+    be those of `dims` (one plan for every block, for now). `compile` compiles each block.
+    """
+    layers = layers or LayerStrategy.uniform(dims, len(model.blocks))
+    _check_layers(layers, dims, len(model.blocks))
+    mesh = dims.build_mesh(device.type) if dims.tp > 1 or dims.mode == "fsdp" else None
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    apply_checkpointing(model, [layer.checkpoint for layer in layers])
+    if compile:
+        for block in model.blocks:
+            block.compile()
     if dims.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -29,15 +46,41 @@ def parallelize(model: nn.Module, dims: ParallelDims, device: torch.device,
     if dims.mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = dims.build_mesh(device.type)
+        # HSDP (dp_replicate > 1): shards over "dp_shard", and the shards replicated over
+        # "dp_replicate", whose gradients FSDP2 all-reduces.
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         # bf16 compute and communication of parameters, fp32 gradient reduction and master
         # weights, as torchtitan does on GPUs.
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if bf16 else MixedPrecisionPolicy())
         for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     return model
+
+
+def _check_layers(layers: list[LayerStrategy], dims: ParallelDims, n_layers: int) -> None:
+    if len(layers) != n_layers:
+        raise UserError(f"the plan describes {len(layers)} blocks, the model has {n_layers}")
+    for index, layer in enumerate(layers):
+        degrees = (layer.dp_replicate, layer.dp_shard, layer.tp)
+        if degrees != (dims.dp_replicate, dims.dp_shard, dims.tp):
+            raise UserError(f"the plan spreads block {index} as dp_replicate x dp_shard x tp = "
+                            f"{' x '.join(map(str, degrees))}, the job as {dims.dp_replicate} x "
+                            f"{dims.dp_shard} x {dims.tp}; one layout for every block is "
+                            "supported for now")
+
+
+def apply_checkpointing(model: nn.Module, checkpointed: list[bool]) -> None:
+    """Wrap each block marked in `checkpointed` so that its activations are recomputed in the
+    backward pass instead of kept (torch.utils.checkpoint, non-reentrant, as torchtitan does):
+    a block then keeps only its input. Parameter names in state dicts are unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for index, recompute in enumerate(checkpointed):
+        if recompute:
+            # preserve_rng_state: the recomputation draws the same dropout masks and jitter.
+            model.blocks[index] = checkpoint_wrapper(model.blocks[index], preserve_rng_state=True)
 
 
 @contextlib.contextmanager

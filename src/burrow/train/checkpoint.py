@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -46,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from burrow.errors import UserError
 from burrow.files import new_file_mode, write_text
+from burrow.model import Transformer
 from burrow.parallel.expert import full_expert_optimizer_state, full_expert_weights, local_experts
 from burrow.parallel.runtime import Runtime
 
@@ -71,6 +73,25 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     experts = full_expert_weights(model)
     return {name: experts.get(name, tensor).detach().to("cpu").contiguous()
             for name, tensor in get_model_state_dict(model, options=_FULL).items()}
+
+
+def whole_copy(model: nn.Module, device: torch.device, runtime: Runtime) -> nn.Module | None:
+    """A plain copy of a split model with all its weights, on rank 0 (None elsewhere); for what
+    needs every weight at hand, e.g. sampling with a KV cache. Collective."""
+    # Weights split over two mesh dimensions (FSDP x TP) are gathered by two all-gathers,
+    # which torch logs as a warning on every rank: expected here, nothing to act on.
+    log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        weights = model_state(model)
+    finally:
+        log.setLevel(level)
+    if not runtime.is_main:
+        return None
+    copy = Transformer(model.cfg).to(device)
+    copy.load_state_dict(weights)
+    return copy
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

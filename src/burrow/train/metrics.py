@@ -113,6 +113,24 @@ class AuxMeter:
         self.step, self.interval, self.steps = {}, {}, 0
 
 
+def setup_line(cfg: Any, dims: Any, device: Any, accumulation: int, train_tokens: int,
+               val_tokens: int) -> str:
+    """The line a run starts with: the model's size, where it runs (on how many processes,
+    spread as ParallelDims `dims` says), the batch and the data."""
+    model, train, data_parallel = cfg.model, cfg.train, dims.dp_degree
+    where = (f"{dims.world_size} x {device.type} ({dims.describe()})" if dims.world_size > 1
+             else str(device))
+    active_params = model.num_params(active=True)
+    active = (f", {active_params:,} active per token"
+              if active_params != model.num_params() else "")
+    tokens_per_step = train.micro_batch_size * train.seq_len * accumulation * data_parallel
+    return (f"model: {model.num_params():,} parameters{active} "
+            f"({model.num_params(embeddings=False):,} without embeddings) on {where}; "
+            f"{tokens_per_step:,} tokens per step ({train.micro_batch_size} x {train.seq_len} x "
+            f"{accumulation} x {data_parallel} ranks); data: {train_tokens:,} train / "
+            f"{val_tokens:,} val tokens")
+
+
 def progress_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: float,
                   tokens_per_second: float, mfu: float | None, eta_seconds: float,
                   aux: dict[str, Any] | None = None, aux_losses: frozenset[str] = frozenset()

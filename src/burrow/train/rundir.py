@@ -134,11 +134,12 @@ def check_resume(checkpoint: Path, run_dir: Path, cfg: RunConfig,
     if schedule:
         notes.append(schedule)
     layout = record.get("parallel")
-    if layout and layout != asdict(dims):
-        notes.append(f"note: checkpoint {checkpoint.name} was saved by {layout['world_size']} "
-                     f"process(es) ({layout['mode']}, experts over {layout['ep']}); this run "
-                     f"has {dims.world_size} ({dims.mode}, experts over {dims.ep}) and "
-                     "re-splits it")
+    if layout:  # older records lack the degrees added since: they were 1
+        saved_dims = ParallelDims(**{**asdict(ParallelDims()), **layout})
+        if saved_dims != dims:
+            notes.append(f"note: checkpoint {checkpoint.name} was saved by "
+                         f"{saved_dims.world_size} process(es) ({saved_dims.describe()}); this "
+                         f"run has {dims.world_size} ({dims.describe()}) and re-splits it")
     return notes
 
 

@@ -31,11 +31,14 @@ from burrow.flops import flops_per_token
 from burrow.infer import generate
 from burrow.model import ModelOutput, Transformer
 from burrow.parallel import (
+    LayerStrategy,
     ParallelDims,
+    check_tensor_parallel,
     clip_grad_norm_,
     gradient_sync,
     init_runtime,
     launched_world_size,
+    loss_parallel_context,
     parallelize,
 )
 from burrow.train.checkpoint import (
@@ -43,6 +46,7 @@ from burrow.train.checkpoint import (
     load_training_state,
     load_weights,
     save_checkpoint,
+    whole_copy,
 )
 from burrow.train.hardware import autocast_for, device_peak_flops
 from burrow.train.lock import job_lock, on_rank_zero
@@ -52,6 +56,7 @@ from burrow.train.metrics import (
     plot_expert_load,
     plot_losses,
     progress_line,
+    setup_line,
 )
 from burrow.train.optim import build_optimizer, learning_rate
 from burrow.train.rundata import load_run_data
@@ -78,9 +83,9 @@ class Trainer:
         self.cfg, self.run_dir, self.verbose = cfg, Path(run_dir), verbose
         self.resume, self.allow_data_change = resume, allow_data_change
         # checked before joining a process group, which an error here would leave behind
-        self.dims = ParallelDims.for_mode(cfg.train.parallel, launched_world_size(),
-                                          ep=cfg.train.expert_parallel)
+        self.dims = ParallelDims.for_train(cfg.train, launched_world_size())
         self.dims.check_experts(cfg.model.moe.num_experts)
+        check_tensor_parallel(cfg.model, self.dims.tp)
         self.runtime = init_runtime(cfg.train.device, cfg.train.parallel)
         self.device = self.runtime.device
         self.autocast = autocast_for(self.device, cfg.train.precision)
@@ -124,15 +129,17 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
         self.prepare_model()
-        self.wrapped = parallelize(self.model, self.dims, self.device,
-                                   bf16=self.autocast is not None)
-        self.forward = torch.compile(self.wrapped) if cfg.train.compile else self.wrapped
+        layers = LayerStrategy.uniform(self.dims, cfg.model.n_layers,
+                                       cfg.train.checkpointed(cfg.model.n_layers))
+        self.forward = self.wrapped = parallelize(self.model, self.dims, self.device,
+                                                  bf16=self.autocast is not None, layers=layers,
+                                                  compile=cfg.train.compile)
         self.optimizer = build_optimizer(self.model, cfg.train)
         micro_tokens = cfg.train.micro_batch_size * cfg.train.seq_len * self.dims.dp_degree
         self.accumulation = max(1, round(cfg.train.batch_tokens / micro_tokens))
         self.tokens_per_step = self.accumulation * micro_tokens
         self.loader = BatchLoader(self.train_data, cfg.train.micro_batch_size, cfg.train.seq_len,
-                                  seed=cfg.train.seed, rank=self.runtime.rank,
+                                  seed=cfg.train.seed, rank=self.dims.dp_rank(self.runtime.rank),
                                   world_size=self.dims.dp_degree,
                                   align=cfg.model.retro.chunk_size if cfg.model.retro else 1)
         self.spikes = SpikeDetector(cfg.train.spike_factor, cfg.train.spike_window)
@@ -142,22 +149,9 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, dtype) * self.runtime.world_size
         if checkpoint is not None:  # checked by rank 0 above
             self._restore(checkpoint, verify=False)
-        active_params = cfg.model.num_params(active=True)
-        active = (f", {active_params:,} active per token"
-                  if active_params != cfg.model.num_params() else "")
-        self.log(f"model: {cfg.model.num_params():,} parameters{active} "
-                 f"({cfg.model.num_params(embeddings=False):,} without embeddings) on "
-                 f"{self._where()}; {self.tokens_per_step:,} tokens per step "
-                 f"({cfg.train.micro_batch_size} x {cfg.train.seq_len} x {self.accumulation} x "
-                 f"{self.dims.dp_degree} ranks); "
-                 f"data: {self.train_data.num_tokens:,} train / "
-                 f"{self.val_data.num_tokens if self.val_data else 0:,} val tokens")
-
-    def _where(self) -> str:
-        if not self.runtime.distributed:
-            return str(self.device)
-        experts = f", experts split over {self.dims.ep} ranks" if self.dims.ep > 1 else ""
-        return f"{self.runtime.world_size} x {self.device.type} ({self.dims.mode}{experts})"
+        self.log(setup_line(cfg, self.dims, self.device, self.accumulation,
+                            self.train_data.num_tokens,
+                            self.val_data.num_tokens if self.val_data else 0))
 
     def prepare_model(self) -> None:
         """Change the fresh model before it is wrapped and its optimiser built: subclasses load
@@ -216,13 +210,15 @@ class Trainer:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             # Gradients are reduced across ranks once, in the last micro-batch's backward.
-            with gradient_sync(self.wrapped, micro_step == self.accumulation - 1):
+            with (gradient_sync(self.wrapped, micro_step == self.accumulation - 1),
+                  loss_parallel_context(self.dims.tp)):
                 with self.autocast or nullcontext():
                     out = self.forward_loss(inputs, targets, **more)
+                # taken before the backward, which recomputing blocks would report to again
+                self.aux.add(out.aux)
                 (out.loss / self.accumulation).backward()
             loss_sum += out.loss.detach()
             cross_entropy_sum += out.cross_entropy.detach()
-            self.aux.add(out.aux)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         if self.dims.ep > 1:  # expert gradients live on different ranks: the global norm
             grad_norm = clip_grad_norm_(self.model, clip)
@@ -358,11 +354,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float] | None:
         if self.val_data is None:
             return None
-        result = evaluate(self.model, self.val_data, seq_len=self.cfg.train.seq_len,
-                          batch_size=self.cfg.train.micro_batch_size, device=self.device,
-                          max_tokens=self.cfg.train.eval_tokens or None, autocast=self.autocast,
-                          num_bytes=self.eval_bytes,
-                          inputs_more=lambda starts: self.batch_inputs("val", starts))
+        with loss_parallel_context(self.dims.tp):
+            result = evaluate(self.model, self.val_data, seq_len=self.cfg.train.seq_len,
+                              batch_size=self.cfg.train.micro_batch_size, device=self.device,
+                              max_tokens=self.cfg.train.eval_tokens or None,
+                              autocast=self.autocast, num_bytes=self.eval_bytes,
+                              inputs_more=lambda starts: self.batch_inputs("val", starts))
         if not self.runtime.is_main:  # every rank evaluates (FSDP needs them all); one reports
             return result
         self.record({"step": self.step, "split": "val", "loss": result["loss"],
@@ -385,7 +382,7 @@ class Trainer:
             state["rng"]["cuda"] = torch.cuda.get_rng_state()
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                keep=self.cfg.train.keep_checkpoints,
-                               sharded=self.dims.mode == "fsdp", runtime=self.runtime,
+                               sharded=self.dims.sharded, runtime=self.runtime,
                                record={"config": self.cfg.to_dict(),
                                        "parallel": asdict(self.dims)})
 
@@ -398,9 +395,14 @@ class Trainer:
         plot_expert_load(rows, self.run_dir / "experts.png", title=title)
 
     def write_sample(self) -> str:
+        model = self.model
+        if self.dims.tp > 1:  # heads split over ranks fit no KV cache: sample from a whole copy
+            model = whole_copy(self.model, self.device, self.runtime)
+        if model is None:
+            return ""
         ids = torch.tensor([self.tokenizer.encode(SAMPLE_PROMPT)], device=self.device)
         new_tokens = min(200, self.cfg.model.max_seq_len - ids.shape[1])
-        out = generate(self.model, ids, new_tokens, temperature=0.8, top_k=50, seed=0)
+        out = generate(model, ids, new_tokens, temperature=0.8, top_k=50, seed=0)
         text = self.tokenizer.decode(out[0].tolist())
         if not self.runtime.is_main:
             return text
