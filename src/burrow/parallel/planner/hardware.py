@@ -113,10 +113,10 @@ class CostInputs:
     measured: Measured | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for field in ("gpus_per_node", "memory_bytes", "flops_per_second",
-                      "intra_node_bandwidth", "inter_node_bandwidth"):
-            if not getattr(self, field) > 0:
-                raise UserError(f"{field} must be positive, got {getattr(self, field)}")
+        for name in ("gpus_per_node", "memory_bytes", "flops_per_second",
+                     "intra_node_bandwidth", "inter_node_bandwidth"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.overlap_slowdown < 1:
             raise UserError(f"overlap_slowdown must be >= 1, got {self.overlap_slowdown}")
 

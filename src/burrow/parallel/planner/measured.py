@@ -243,10 +243,11 @@ class Profile:
             bandwidth = 2 * (group - 1) / group * fit.bandwidth
             latency = fit.latency / (2 * (group - 1))
         flops = entry.get("flops_per_second") or entry["peak_flops"]
+        name = f"{self.machine['name']} ({self.machine['device']}, profiled)"
         return CostInputs(gpus_per_node=processes, memory_bytes=memory_bytes,
                           flops_per_second=flops, intra_node_bandwidth=bandwidth,
                           inter_node_bandwidth=bandwidth, intra_node_latency=latency,
-                          inter_node_latency=latency, name=f"{self.machine['name']} ({self.machine['device']}, profiled)",
+                          inter_node_latency=latency, name=name,
                           measured=self.measured(key))
 
     def to_dict(self) -> dict[str, Any]:
