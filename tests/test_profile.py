@@ -49,7 +49,7 @@ def saved_per_token(cfg: ModelConfig, checkpointed: bool = False) -> float:
     kept = []
     for sequences in (1, 4):
         forward, _ = prepare(sequences, 32)
-        kept.append(profiling.saved_bytes(lambda: forward(checkpointed), module, CPU))
+        kept.append(profiling.saved_bytes(lambda run=forward: run(checkpointed), module, CPU))
     return (kept[1] - kept[0]) / (3 * 32)
 
 
@@ -111,7 +111,7 @@ def test_profile_round_trip_and_refusal_of_another_machine(tmp_path, quick):
     elsewhere = json.loads(path.read_text())
     elsewhere["machine"] = {**elsewhere["machine"], "name": "Some Other CPU", "count": 96}
     path.write_text(json.dumps(elsewhere))
-    with pytest.raises(UserError, match="measured on 96 x Some Other CPU.*re-profile"):
+    with pytest.raises(UserError, match=r"measured on 96 x Some Other CPU.*re-profile"):
         read_cached(path)
 
 
