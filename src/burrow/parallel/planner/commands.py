@@ -1,12 +1,14 @@
 """`burrow plan-parallel`: Galvatron's plan for a preset on some GPUs, beside the best uniform
-plan and pure FSDP and DDP, as a table or (--json) one JSON object. Arithmetic only: no torch.
+plan and pure FSDP and DDP, as a table or (--json) one JSON object. Arithmetic only: no torch,
+unless this machine is to be measured (--profile, --hardware local, --profile-only: profile.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from burrow import presets
 from burrow.errors import UserError
@@ -18,26 +20,41 @@ from burrow.parallel.planner.stages import Job
 from burrow.paths import check_writable_dir
 from burrow.units import format_bytes, format_count, parse_bytes
 
+if TYPE_CHECKING:
+    from burrow.config import ModelConfig
+
 # Tokens per step when --global-batch is not given: 2^21, Gopher 7.1B's 2M-token batch (Rae et
 # al. 2021, Table 1), rounded to whole sequences.
 DEFAULT_BATCH_TOKENS = 2**21
 
 
 def plan_parallel_command(args: argparse.Namespace) -> dict[str, Any]:
-    """Search the plan, write it to --out, and return the report --json prints."""
+    """Search the plan, write it to --out, and return the report --json prints; with
+    --profile-only, measure this machine and return its figures instead."""
     cfg = presets.get(args.preset)
-    hardware = get_hardware(args.hardware)
-    memory = parse_bytes(args.memory, "--memory") if args.memory else hardware.memory_bytes
-    efficiency = EFFICIENCY if args.efficiency is None else args.efficiency
-    inputs = CostInputs.from_hardware(hardware, memory_bytes=memory, efficiency=efficiency)
     seq_len = args.seq_len or cfg.max_seq_len
     if seq_len > cfg.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds {args.preset}'s context of "
                         f"{cfg.max_seq_len} tokens")
+    memory = parse_bytes(args.memory, "--memory") if args.memory else None
+    if args.profile_only:
+        from burrow.parallel.planner.profile import profile_machine
+
+        profile, key = profile_machine(cfg, seq_len, args.gpus, remeasure=True,
+                                       path=args.profile or None, progress=_progress)
+        return profile_report(profile, key, args)
+    if args.profile is not None or args.hardware.lower() == "local":
+        inputs, precision, peak = local_inputs(args, cfg, seq_len, memory)
+        efficiency = None
+    else:
+        hardware = get_hardware(args.hardware)
+        efficiency = EFFICIENCY if args.efficiency is None else args.efficiency
+        inputs = CostInputs.from_hardware(hardware, memory_bytes=memory, efficiency=efficiency)
+        precision, peak = args.precision or "bf16", hardware.peak_flops
     sequences = global_batch_sequences(args.global_batch, seq_len)
     if args.out:
         check_writable_dir(Path(args.out).parent, "folder of --out", "choose another --out")
-    job = Job(cfg, args.gpus, sequences, seq_len, preset=args.preset, precision=args.precision)
+    job = Job(cfg, args.gpus, sequences, seq_len, preset=args.preset, precision=precision)
     result = search(job, inputs)
     if args.out:
         result.best.save(args.out)
@@ -49,7 +66,7 @@ def plan_parallel_command(args: argparse.Namespace) -> dict[str, Any]:
                 "peak_memory_bytes": plan.peak_memory_bytes,
                 "tokens_per_second": tokens_per_second,
                 "mfu": mfu(tokens_per_second, step_flops / (sequences * seq_len),
-                           args.gpus * hardware.peak_flops)}
+                           args.gpus * peak)}
 
     def outcome(found: Outcome) -> dict[str, Any]:
         if found.plan is None:
@@ -59,11 +76,78 @@ def plan_parallel_command(args: argparse.Namespace) -> dict[str, Any]:
     return {"plan": result.best.to_dict(), **summary(result.best),
             "uniform_best": outcome(result.uniform),
             "baselines": {name: outcome(found) for name, found in result.baselines.items()},
-            "job": {"preset": args.preset, "gpus": args.gpus, "hardware": hardware.name,
-                    "gpus_per_node": hardware.gpus_per_node, "memory_bytes": memory,
+            "job": {"preset": args.preset, "gpus": args.gpus, "hardware": inputs.name,
+                    "gpus_per_node": inputs.gpus_per_node, "memory_bytes": inputs.memory_bytes,
                     "seq_len": seq_len, "global_batch_sequences": sequences,
-                    "precision": args.precision, "efficiency": efficiency},
+                    "precision": precision, "efficiency": efficiency,
+                    "measured": inputs.measured is not None},
             "out": args.out}
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def local_inputs(args: argparse.Namespace, cfg: ModelConfig, seq_len: int,
+                 memory: float | None) -> tuple[CostInputs, str, float]:
+    """CostInputs from this machine's profile (read from the cache or --profile PATH, measured
+    where missing: torch is imported only then), the precision it was measured in, and the
+    peak FLOP/s that MFU divides by (the trainer's: a datasheet's, or a CPU's timed matmul)."""
+    from burrow.parallel.planner.measured import Profile, machine, model_key, profile_path
+
+    path = Path(args.profile) if args.profile else profile_path(machine())
+    profile = Profile.load(path) if path.exists() else None
+    key = model_key(cfg, seq_len)
+    degrees = profile and profile.models.get(key, {}).get("layers", {}).get("block", {})
+    groups = {g for g in (2 ** i for i in range(1, args.gpus.bit_length())) if g <= args.gpus}
+    if not degrees or (profile and not groups <= profile.group_sizes()):
+        from burrow.parallel.planner.profile import profile_machine
+
+        profile, key = profile_machine(cfg, seq_len, args.gpus, path=path, progress=_progress)
+    if args.precision not in (None, profile.precision):
+        raise UserError(f"the profile was measured in {profile.precision} (what this machine "
+                        f"trains in); plan it with --precision {profile.precision}")
+    return (profile.cost_inputs(key, args.gpus, memory), profile.precision,
+            profile.models[key]["peak_flops"])
+
+
+def profile_report(profile: Any, key: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What --profile-only prints: the machine, the fitted lines of each layer and collective."""
+    entry = profile.models[key]
+    return {"profile_only": True, "machine": profile.machine, "precision": profile.precision,
+            "memory_bytes": profile.memory_bytes, "preset": args.preset,
+            "seq_len": entry["seq_len"], "flops_per_second": entry["flops_per_second"],
+            "peak_flops": entry["peak_flops"],
+            "layers": {kind: {tp: layer["fits"] for tp, layer in degrees.items()}
+                       for kind, degrees in entry["layers"].items()},
+            "collectives": {kind: {str(group): fits["fit"] for group, fits in groups.items()}
+                            for kind, groups in profile.collectives.items()}}
+
+
+def format_profile(result: dict[str, Any]) -> str:
+    """The layers' and collectives' fitted lines, one row each."""
+    spec = result["machine"]
+    lines = [f"profile of {spec['count']} x {spec['name']} ({spec['device']}), torch "
+             f"{spec['torch']}, {result['precision']}, {result['preset']} at "
+             f"{result['seq_len']} tokens a sequence", "",
+             f"{'layer':<10} {'tp':>3} {'forward':>21} {'backward':>12} {'+checkpoint':>12} "
+             f"{'kept/token':>11}"]
+    for kind, degrees in result["layers"].items():
+        for tp, fits in degrees.items():
+            lines.append(f"{kind:<10} {tp:>3} {fits['forward']['intercept'] * 1e6:>7.0f} us + "
+                         f"{fits['forward']['slope'] * 1e9:>5.1f} ns/t "
+                         f"{fits['backward']['slope'] * 1e9:>7.1f} ns/t "
+                         f"{fits['backward_checkpointed']['slope'] * 1e9:>7.1f} ns/t "
+                         f"{fits['activation']['slope']:>7.0f} B")
+    lines += ["", f"{'collective':<15} {'group':>5} {'latency':>10} {'bandwidth':>12}"]
+    for kind, groups in result["collectives"].items():
+        for group, fit in groups.items():
+            lines.append(f"{kind:<15} {group:>5} {fit['latency'] * 1e6:>7.1f} us "
+                         f"{fit['bandwidth'] / 1e9:>8.3g} GB/s")
+    rate = result["flops_per_second"]
+    lines.append(f"\na block sustains {rate / 1e9:.3g} GFLOP/s of a peak of "
+                 f"{result['peak_flops'] / 1e9:.3g}" if rate else "")
+    return "\n".join(lines)
 
 
 def global_batch_sequences(tokens: int | None, seq_len: int) -> int:
@@ -80,7 +164,10 @@ def global_batch_sequences(tokens: int | None, seq_len: int) -> int:
 
 
 def format_plan_parallel(result: dict[str, Any]) -> str:
-    """The searched plan's stages and strategies, then the four plans side by side."""
+    """The searched plan's stages and strategies, then the four plans side by side (or the
+    profile's figures after --profile-only)."""
+    if result.get("profile_only"):
+        return format_profile(result)
     job, plan = result["job"], Plan.from_dict(result["plan"])
     lines = [f"{job['preset']} on {job['gpus']} x {job['hardware']} ({job['gpus_per_node']} per "
              f"node, {format_bytes(job['memory_bytes'])} each), "

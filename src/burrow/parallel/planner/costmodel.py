@@ -114,6 +114,10 @@ def collective_seconds(kind: str, nbytes: float, group: int, spans_nodes: bool,
         raise ValueError(f"unknown collective {kind!r}")
     if group <= 1 or nbytes <= 0:
         return 0.0
+    # A profile's fit for this kind and group size is the measured answer (measured.py).
+    fit = inputs.measured.collective(kind, group) if inputs.measured is not None else None
+    if fit is not None:
+        return fit.seconds(nbytes)
     bandwidth, latency = inputs.link(spans_nodes)
     if kind == "p2p":
         return latency + nbytes / bandwidth
@@ -140,9 +144,8 @@ def layer_cost(shape: LayerShape, strategy: Strategy, step: Step,
                         f"micro-batch of {step.micro_batch_size} sequences")
     tp, nodes = strategy.tp, inputs.gpus_per_node
     tokens = step.micro_batch_size // strategy.dp * step.seq_len  # one TP group's, a micro-batch
-    forward_compute = shape.forward_flops_per_token * tokens / tp / inputs.flops_per_second
-    # Backward: two matmuls per forward one (PaLM appendix B); checkpointing reruns the forward.
-    backward_compute = (2 + strategy.checkpoint) * forward_compute
+    forward_compute, backward_compute, kept = compute_and_activations(shape, strategy, tokens,
+                                                                      inputs)
 
     # Megatron with sequence parallelism (Korthikanti et al. 2022, §4.2.2): all-gathers and
     # reduce-scatters of the TP group's activation, on the critical path; the recomputed
@@ -171,11 +174,33 @@ def layer_cost(shape: LayerShape, strategy: Strategy, step: Step,
     sync = overlapped(backward_compute, all_reduce, slowdown) - backward_compute
 
     states = shape.params / tp * STATE_BYTES_PER_PARAM[step.precision] / strategy.dp_shard
+    return LayerCost(forward, backward, sync, states + step.in_flight * kept)
+
+
+def compute_and_activations(shape: LayerShape, strategy: Strategy, tokens: int,
+                            inputs: CostInputs) -> tuple[float, float, float]:
+    """Seconds of a layer's forward and backward computation on one GPU for one micro-batch of
+    `tokens` (its TP group's), and the bytes it keeps for the backward pass.
+
+    From a profile's timed layer at this TP degree when there is one (the module built with
+    1/tp of the heads and MLP units, measured whole: what one rank computes); otherwise from
+    the layer's FLOPs and the FLOP rate, and Korthikanti et al.'s activation formula.
+    """
+    measured = inputs.measured.layer(shape.kind, strategy.tp) if inputs.measured else None
+    if measured is not None:
+        # A profile is measured in the precision the machine trains in; planning it in another
+        # one is refused before this (commands.py).
+        if strategy.checkpoint:
+            return (measured.forward(tokens), measured.backward_checkpointed(tokens),
+                    measured.checkpointed_activation(tokens))
+        return measured.forward(tokens), measured.backward(tokens), measured.activation(tokens)
+    forward = shape.forward_flops_per_token * tokens / strategy.tp / inputs.flops_per_second
+    # Backward: two matmuls per forward one (PaLM appendix B); checkpointing reruns the forward.
+    backward = (2 + strategy.checkpoint) * forward
     kept = shape.checkpoint_bytes_per_token if strategy.checkpoint else (
         shape.activation_bytes_per_token)
     # Sequence parallelism leaves each TP rank 1/tp of its group's tokens.
-    activations = step.in_flight * kept * tokens / tp
-    return LayerCost(forward, backward, sync, states + activations)
+    return forward, backward, kept * tokens / strategy.tp
 
 
 def transition_seconds(before: Strategy, after: Strategy, step: Step,

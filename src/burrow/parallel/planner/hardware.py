@@ -2,9 +2,10 @@
 
 `HARDWARE` holds datasheet figures per GPU: dense bf16 peak, memory, NVLink and InfiniBand
 bandwidth, GPUs per node. `CostInputs` is the one object the cost model (costmodel.py) reads:
-today it is made from a datasheet row and an assumed efficiency (`CostInputs.from_hardware`);
-a profile measured on the machine (a FLOP rate from timed layers, bandwidths from timed
-collectives) will make the same object, and the cost model will not change.
+it is made from a datasheet row and an assumed efficiency (`CostInputs.from_hardware`), or from
+a profile measured on the machine (`measured.py`, `profile.py`), which adds each layer's timed
+forward and backward passes and saved bytes, and each collective's fitted latency and bandwidth
+per group size (`CostInputs.measured`); the cost model reads those where they are present.
 
 Bandwidths are per GPU and per direction, the figure a ring collective is limited by: NVLink's
 datasheet number is the sum of both directions, so it is halved here; InfiniBand's is one
@@ -14,9 +15,13 @@ share over its own NIC).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from burrow.errors import UserError
+
+if TYPE_CHECKING:
+    from burrow.parallel.planner.measured import Measured
 
 
 @dataclass(frozen=True)
@@ -104,12 +109,14 @@ class CostInputs:
     overlap_slowdown: float = OVERLAP_SLOWDOWN
     # Name of the machine, for reports.
     name: str = ""
+    # Timed layers and collectives of a profile (measured.py); None: datasheet arithmetic.
+    measured: Measured | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for field in ("gpus_per_node", "memory_bytes", "flops_per_second",
-                      "intra_node_bandwidth", "inter_node_bandwidth"):
-            if not getattr(self, field) > 0:
-                raise UserError(f"{field} must be positive, got {getattr(self, field)}")
+        for name in ("gpus_per_node", "memory_bytes", "flops_per_second",
+                     "intra_node_bandwidth", "inter_node_bandwidth"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if self.overlap_slowdown < 1:
             raise UserError(f"overlap_slowdown must be >= 1, got {self.overlap_slowdown}")
 
