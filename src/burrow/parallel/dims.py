@@ -112,8 +112,7 @@ class ParallelDims:
     def check_model(self, cfg: RunConfig) -> None:
         """Raise UserError (one line, naming the fix) unless the run `cfg` can be spread as
         these degrees say: experts, tensor and pipeline parallelism each check their part."""
-        from burrow.parallel.pipeline import check_pipeline
-        from burrow.parallel.tensor import check_tensor_parallel
+        from burrow.parallel.limits import check_pipeline, check_tensor_parallel
 
         self.check_experts(cfg.model.moe.num_experts)
         check_tensor_parallel(cfg.model, self.tp)

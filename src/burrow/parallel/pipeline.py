@@ -25,68 +25,15 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor
 
-from burrow.config import RunConfig, TrainConfig
-from burrow.errors import UserError
+from burrow.config import TrainConfig
 from burrow.model import Transformer
 from burrow.model.context import ForwardContext
 from burrow.model.positions import rotary_tables
 from burrow.parallel.dims import LayerStrategy, ParallelDims
+from burrow.parallel.limits import pipeline_batch
 from burrow.parallel.wrap import check_layers, spread
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-
-
-def check_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
-    """Raise UserError (one line, naming the fix) unless `cfg` can run in dims.pp stages;
-    called before the process group is joined."""
-    if dims.pp == 1:
-        return
-    train, model = cfg.train, cfg.model
-    refusals = [
-        (dims.tp > 1, f"train.tensor_parallel={dims.tp}: tensor parallelism inside pipeline "
-                      "stages is not supported yet; use --parallel fsdp or ddp for the stages' "
-                      "ranks"),
-        (model.moe.enabled, "Switch experts: their balance losses arise on every stage, and "
-                            "only the last adds losses to the objective; train a dense model"),
-        (model.retro is not None, "RETRO: every chunked cross-attention needs the neighbours "
-                                  "and the embedding of the first stage"),
-        (model.tie_embeddings, "tied embeddings: the table would live on the first and the "
-                               "last stage; set model.tie_embeddings=false"),
-        (cfg.distill is not None, "distillation: the teacher's logits would need the whole "
-                                  "model"),
-        (cfg.retro_fit is not None, "retro-fitting"),
-    ]
-    for refused, why in refusals:
-        if refused:
-            raise UserError(f"train.pipeline_parallel={dims.pp} with {why}; or drop "
-                            "--pipeline-parallel")
-    train.pipeline_stages(model.n_layers)
-    pipeline_batch(train, dims.dp_degree, dims.pp)
-
-
-def pipeline_batch(train: TrainConfig, dp: int, pp: int) -> tuple[int, int]:
-    """(micro-batches per step, sequences per micro-batch on each data-parallel rank).
-
-    Without train.pipeline_microbatches, the micro-batches are what batch_tokens gives with
-    micro_batch_size, as gradient accumulation would run them; fewer than the stages are
-    re-cut into pp smaller ones (a pipeline of m < pp micro-batches leaves stages idle, and
-    1F1B refuses it). With it, each rank's sequences of a step are cut into that many."""
-    micro_tokens = train.micro_batch_size * train.seq_len * dp
-    accumulation = max(1, round(train.batch_tokens / micro_tokens))
-    sequences = accumulation * train.micro_batch_size  # per data-parallel rank and step
-    wanted = train.pipeline_microbatches or max(accumulation, pp)
-    if sequences % wanted:
-        asked = (f"train.pipeline_microbatches={wanted}" if train.pipeline_microbatches else
-                 f"{pp} micro-batches (one per stage)")
-        raise UserError(f"{asked} must divide the {sequences} sequences each data-parallel "
-                        f"rank trains on per step (batch_tokens {train.batch_tokens} / "
-                        f"({train.seq_len} tokens x {dp} ranks)); change --batch-tokens or "
-                        "--pipeline-microbatches")
-    if train.pipeline_schedule == "1f1b" and wanted < pp:
-        raise UserError(f"train.pipeline_microbatches={wanted} is fewer than the {pp} stages, "
-                        "which the 1f1b schedule needs; raise it or use --pipeline-schedule "
-                        "gpipe")
-    return wanted, sequences // wanted
 
 
 class StageModule(nn.Module):

@@ -5,12 +5,14 @@ plan and pure FSDP and DDP, as a table or (--json) one JSON object. Arithmetic o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from burrow import presets
 from burrow.errors import UserError
 from burrow.flops import flops_per_token, mfu
+from burrow.parallel.planner.executable import search_executable
 from burrow.parallel.planner.hardware import EFFICIENCY, CostInputs, get_hardware
 from burrow.parallel.planner.plan import Plan
 from burrow.parallel.planner.search import Outcome, search
@@ -39,6 +41,8 @@ def plan_parallel_command(args: argparse.Namespace) -> dict[str, Any]:
         check_writable_dir(Path(args.out).parent, "folder of --out", "choose another --out")
     job = Job(cfg, args.gpus, sequences, seq_len, preset=args.preset, precision=args.precision)
     result = search(job, inputs)
+    if getattr(args, "executable", False):  # the searched plan is the fastest burrow can run
+        result = dataclasses.replace(result, best=search_executable(job, inputs))
     if args.out:
         result.best.save(args.out)
     step_flops = flops_per_token(cfg, seq_len) * sequences * seq_len
@@ -62,7 +66,8 @@ def plan_parallel_command(args: argparse.Namespace) -> dict[str, Any]:
             "job": {"preset": args.preset, "gpus": args.gpus, "hardware": hardware.name,
                     "gpus_per_node": hardware.gpus_per_node, "memory_bytes": memory,
                     "seq_len": seq_len, "global_batch_sequences": sequences,
-                    "precision": args.precision, "efficiency": efficiency},
+                    "precision": args.precision, "efficiency": efficiency,
+                    "executable": getattr(args, "executable", False)},
             "out": args.out}
 
 
@@ -85,7 +90,8 @@ def format_plan_parallel(result: dict[str, Any]) -> str:
     lines = [f"{job['preset']} on {job['gpus']} x {job['hardware']} ({job['gpus_per_node']} per "
              f"node, {format_bytes(job['memory_bytes'])} each), "
              f"{job['global_batch_sequences']:,} sequences of {job['seq_len']:,} tokens a step",
-             "", f"searched plan: {describe_shape(plan)}; mesh {describe_mesh(plan)}",
+             "", f"searched plan{' (executable)' if job.get('executable') else ''}: "
+             f"{describe_shape(plan)}; mesh {describe_mesh(plan)}",
              *stage_lines(plan)]
     header = f"{'':<24} {'step':>9} {'tokens/s':>9} {'MFU':>6} {'memory/GPU':>11}"
     lines += ["", header, "-" * len(header),
