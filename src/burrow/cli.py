@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory; default runs/PRESET")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set model.d_model=384")
+    train.add_argument("--plan", metavar="PLAN_JSON", help="train as a plan of burrow "
+                       "plan-parallel says: degrees, stages, micro-batches, checkpointed blocks "
+                       "and batch (these flags are then taken from the plan)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its latest checkpoint")
     train.add_argument("--allow-data-change", action="store_true",
@@ -332,6 +335,9 @@ def _add_plan_parallel_command(commands: argparse._SubParsersAction) -> None:
                       "default bf16, or what a profile was measured in")
     plan.add_argument("--efficiency", type=FRACTION, help="share of the bf16 peak a layer's "
                       "matmuls sustain; default 0.6")
+    plan.add_argument("--executable", action="store_true", help="search only plans burrow "
+                      "train --plan can run: one layout for every layer, checkpointing per "
+                      "block, no tensor parallelism inside a pipeline")
     plan.add_argument("--out", metavar="PLAN_JSON", help="write the searched plan to this file")
     plan.add_argument("--profile", nargs="?", const="", metavar="PROFILE_JSON",
                       help="plan for this machine from its measured profile, --gpus read as "

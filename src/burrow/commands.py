@@ -91,6 +91,12 @@ def train_command(args: argparse.Namespace) -> int:
 
     check_places(run_dir_of(args), "choose another --out")
     cfg, out = run_config_from_args(args)
+    if args.plan:
+        from burrow.parallel.planner import Plan
+        from burrow.parallel.planner.executable import apply_plan
+        from burrow.parallel.runtime import launched_world_size
+
+        cfg = apply_plan(cfg, Plan.load(args.plan), launched_world_size())
     summary = train(cfg, out, resume=args.resume, allow_data_change=args.allow_data_change)
     return 0 if not summary["interrupted"] else 130
 

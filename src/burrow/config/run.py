@@ -86,6 +86,18 @@ class TrainConfig:
     data_parallel_shard: int = 0
     # Split each sparse layer's experts over this many ranks (expert parallelism, with ddp).
     expert_parallel: int = 1
+    # Pipeline stages (torch.distributed.pipelining): the blocks cut into this many consecutive
+    # parts, the embedding on the first, the final norm, head and loss on the last.
+    pipeline_parallel: int = 1
+    # Pipeline schedule: "1f1b" (a backward after each forward once the pipeline is full) or
+    # "gpipe" (every forward, then every backward: more activations held at once).
+    pipeline_schedule: str = "1f1b"
+    # Micro-batches per step under pipeline parallelism; 0 = as many as batch_tokens gives with
+    # micro_batch_size, at least the number of stages. Set, it cuts each data-parallel rank's
+    # sequences of a step into this many micro-batches (micro_batch_size then follows).
+    pipeline_microbatches: int = 0
+    # Blocks per pipeline stage, first stage first, e.g. "3,3"; "" = balanced.
+    pipeline_split: str = ""
     # Blocks whose activations are recomputed in the backward pass (activation
     # checkpointing): "none", "all", or block indices such as "0,2,5".
     checkpoint_layers: str = "none"
@@ -105,18 +117,20 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UserError naming the field and the fix if a value is invalid."""
         for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "lr", "log_every",
-                     "expert_parallel", "tensor_parallel"):
+                     "expert_parallel", "tensor_parallel", "pipeline_parallel"):
             check_positive(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "grad_clip",
                      "weight_decay", "eval_tokens", "spike_factor", "spike_rollback",
                      "spike_skip", "decay_steps", "schedule_steps", "data_parallel_replicate",
-                     "data_parallel_shard"):
+                     "data_parallel_shard", "pipeline_microbatches"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         check_choice(self.schedule, ("cosine", "constant", "wsd", "rsqrt"), "train.schedule")
         check_choice(self.precision, ("auto", "fp32", "bf16"), "train.precision")
         check_choice(self.parallel, ("none", "ddp", "fsdp"), "train.parallel")
+        check_choice(self.pipeline_schedule, ("1f1b", "gpipe"), "train.pipeline_schedule")
         self.checkpointed(None)
+        self.pipeline_stages(None)
         if self.spike_factor and self.spike_factor <= 1.0:
             raise UserError(f"train.spike_factor must be above 1 (or 0 = off), got "
                             f"{self.spike_factor}")
@@ -143,6 +157,35 @@ class TrainConfig:
             raise UserError(f"train.checkpoint_layers names block {max(layers)}, but the model "
                             f"has blocks 0 to {n_layers - 1}")
         return layers
+
+
+    def pipeline_stages(self, n_layers: int | None) -> list[int]:
+        """Blocks per pipeline stage of a model with `n_layers` (None: only check the
+        spelling): pipeline_split, or the blocks spread evenly, the earlier stages taking one
+        more where they do not divide; UserError for a split that cannot be."""
+        spec, pp = self.pipeline_split.strip(), self.pipeline_parallel
+        if not spec:
+            if n_layers is None:
+                return []
+            if n_layers < pp:
+                raise UserError(f"train.pipeline_parallel={pp} stages need at least {pp} "
+                                f"blocks; the model has {n_layers}")
+            return [n_layers // pp + (stage < n_layers % pp) for stage in range(pp)]
+        parts = [part.strip() for part in spec.split(",")]
+        if not all(part.isdigit() for part in parts):
+            raise UserError(f"train.pipeline_split={spec!r} is not a list of block counts such "
+                            "as 3,3")
+        counts = [int(part) for part in parts]
+        if len(counts) != pp:
+            raise UserError(f"train.pipeline_split={spec!r} gives {len(counts)} stages, but "
+                            f"train.pipeline_parallel is {pp}; give one count per stage")
+        if any(count == 0 for count in counts[1:-1]) or (pp > 1 and not any(counts)):
+            raise UserError(f"train.pipeline_split={spec!r}: a middle stage needs at least one "
+                            "block (the first holds the embedding, the last the head)")
+        if n_layers is not None and sum(counts) != n_layers:
+            raise UserError(f"train.pipeline_split={spec!r} holds {sum(counts)} blocks, the "
+                            f"model has {n_layers}; make the counts add up to {n_layers}")
+        return counts
 
 
 @dataclass
@@ -242,6 +285,7 @@ class RunConfig:
                             f"model.retro.chunk_size={retro.chunk_size} (RETRO retrieves for "
                             "whole chunks)")
         self.train.checkpointed(self.model.n_layers)
+        self.train.pipeline_stages(self.model.n_layers)
         if self.train.seq_len > self.model.max_seq_len:
             raise UserError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from burrow.parallel.dims import LayerStrategy, ParallelDims
     from burrow.parallel.expert import clip_grad_norm_
+    from burrow.parallel.limits import check_tensor_parallel
     from burrow.parallel.runtime import (
         Runtime,
         init_runtime,
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
         resolve_device,
         shutdown,
     )
-    from burrow.parallel.tensor import check_tensor_parallel, loss_parallel_context
+    from burrow.parallel.tensor import loss_parallel_context
     from burrow.parallel.wrap import gradient_sync, parallelize
 
 # name -> the module that defines it
@@ -26,7 +27,7 @@ _LAZY = {"LayerStrategy": "burrow.parallel.dims", "ParallelDims": "burrow.parall
          "Runtime": "burrow.parallel.runtime", "init_runtime": "burrow.parallel.runtime",
          "launched_world_size": "burrow.parallel.runtime",
          "resolve_device": "burrow.parallel.runtime", "shutdown": "burrow.parallel.runtime",
-         "check_tensor_parallel": "burrow.parallel.tensor",
+         "check_tensor_parallel": "burrow.parallel.limits",
          "loss_parallel_context": "burrow.parallel.tensor",
          "gradient_sync": "burrow.parallel.wrap", "parallelize": "burrow.parallel.wrap"}
 

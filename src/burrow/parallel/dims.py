@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from burrow.config import TrainConfig
+from burrow.config import RunConfig, TrainConfig
 from burrow.errors import UserError
 
 MODES = ("none", "ddp", "fsdp")
@@ -37,7 +37,7 @@ class ParallelDims:
     ep: int = 1
     # Tensor parallelism: each block's heads and hidden units split over this many ranks.
     tp: int = 1
-    # Pipeline stages (not built yet: always 1).
+    # Pipeline stages: the blocks cut into this many consecutive parts, one per group of ranks.
     pp: int = 1
 
     def __post_init__(self) -> None:
@@ -46,14 +46,18 @@ class ParallelDims:
         for name in ("world_size", "dp_replicate", "dp_shard", "ep", "tp", "pp"):
             if getattr(self, name) < 1:
                 raise UserError(f"parallel {name} must be >= 1, got {getattr(self, name)}")
-        if self.pp > 1:
-            raise UserError(f"pipeline parallelism (pp={self.pp}) is not built yet; use pp=1")
+        if self.world_size % self.pp:
+            raise UserError(f"train.pipeline_parallel={self.pp} must divide the number of "
+                            f"processes ({self.world_size}); start a multiple of {self.pp} "
+                            "with torchrun --nproc_per_node, or pass --pipeline-parallel 1")
         if self.world_size % self.tp:
             raise UserError(f"train.tensor_parallel={self.tp} must divide the number of "
                             f"processes ({self.world_size}); start a multiple of {self.tp} "
                             "with torchrun --nproc_per_node, or pass --tensor-parallel 1")
-        if self.mode == "none" and self.world_size > self.tp:
-            split = f" and train.tensor_parallel is {self.tp}" if self.tp > 1 else ""
+        if self.mode == "none" and self.world_size > self.tp * self.pp:
+            split = "".join(f" and train.{name} is {degree}" for name, degree in
+                            (("tensor_parallel", self.tp), ("pipeline_parallel", self.pp))
+                            if degree > 1)
             raise UserError(f"{self.world_size} processes were started but train.parallel is "
                             f"none{split}; pass --parallel ddp or --parallel fsdp")
         if self.mode == "ddp" and self.dp_shard > 1:
@@ -65,23 +69,28 @@ class ParallelDims:
                             "use --parallel fsdp, which keeps replicas with "
                             "--data-parallel-replicate")
         if self.pp * self.dp_replicate * self.dp_shard * self.tp != self.world_size:
-            raise UserError(f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x "
-                            f"tp={self.tp} does not equal the world size {self.world_size}")
+            raise UserError(f"pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard="
+                            f"{self.dp_shard} x tp={self.tp} does not equal the world size "
+                            f"{self.world_size}")
         if self.world_size % self.ep:
             raise UserError(f"train.expert_parallel={self.ep} must divide the number of "
                             f"processes ({self.world_size}); start a multiple of {self.ep} "
                             "with torchrun --nproc_per_node")
+        if self.ep > 1 and self.pp > 1:
+            raise UserError(f"train.expert_parallel={self.ep} with train.pipeline_parallel="
+                            f"{self.pp} is not supported; drop one of them")
         if self.ep > 1 and self.mode != "ddp":
             raise UserError(f"train.expert_parallel={self.ep} needs --parallel ddp; expert "
                             f"parallelism with {self.mode} is not supported")
 
     @classmethod
-    def for_mode(cls, mode: str, world_size: int, ep: int = 1, *, tp: int = 1,
+    def for_mode(cls, mode: str, world_size: int, ep: int = 1, *, tp: int = 1, pp: int = 1,
                  dp_replicate: int = 0, dp_shard: int = 0) -> ParallelDims:
-        """The degrees of a job of `world_size` processes: `tp` of them split each layer, and
-        the world / tp data-parallel ranks are all replicas (ddp) or all shards (fsdp), unless
-        `dp_replicate` or `dp_shard` say how many (0: the rest). Experts split over `ep`."""
-        data_parallel = max(1, world_size // max(tp, 1))
+        """The degrees of a job of `world_size` processes: `pp` pipeline stages, `tp` ranks
+        splitting each layer, and the world / (pp x tp) data-parallel ranks of each stage all
+        replicas (ddp) or all shards (fsdp), unless `dp_replicate` or `dp_shard` say how many
+        (0: the rest). Experts split over `ep`."""
+        data_parallel = max(1, world_size // max(tp * pp, 1))
         if mode == "ddp":
             dp_replicate, dp_shard = dp_replicate or data_parallel, dp_shard or 1
         elif mode == "fsdp":
@@ -90,14 +99,24 @@ class ParallelDims:
         else:
             dp_replicate, dp_shard = dp_replicate or 1, dp_shard or 1
         return cls(world_size, dp_replicate=dp_replicate, dp_shard=dp_shard, mode=mode, ep=ep,
-                   tp=tp)
+                   tp=tp, pp=pp)
 
     @classmethod
     def for_train(cls, train: TrainConfig, world_size: int) -> ParallelDims:
         """The degrees a run's train config asks of a job of `world_size` processes."""
         return cls.for_mode(train.parallel, world_size, ep=train.expert_parallel,
-                            tp=train.tensor_parallel, dp_replicate=train.data_parallel_replicate,
+                            tp=train.tensor_parallel, pp=train.pipeline_parallel,
+                            dp_replicate=train.data_parallel_replicate,
                             dp_shard=train.data_parallel_shard)
+
+    def check_model(self, cfg: RunConfig) -> None:
+        """Raise UserError (one line, naming the fix) unless the run `cfg` can be spread as
+        these degrees say: experts, tensor and pipeline parallelism each check their part."""
+        from burrow.parallel.limits import check_pipeline, check_tensor_parallel
+
+        self.check_experts(cfg.model.moe.num_experts)
+        check_tensor_parallel(cfg.model, self.tp)
+        check_pipeline(cfg, self)
 
     def check_experts(self, num_experts: int) -> None:
         """Raise UserError unless the model's experts split evenly over the ep ranks."""
@@ -118,14 +137,19 @@ class ParallelDims:
         group compute one model on the same batch."""
         return rank // self.tp % self.dp_degree
 
+    def pp_rank(self, rank: int) -> int:
+        """The pipeline stage global rank `rank` runs (the outermost dimension of the mesh)."""
+        return rank // (self.world_size // self.pp)
+
     @property
     def sharded(self) -> bool:
         """Whether a rank holds only part of the weights (then checkpoints are DCP shards)."""
-        return self.mode == "fsdp" or self.tp > 1
+        return self.mode == "fsdp" or self.tp > 1 or self.pp > 1
 
     def describe(self) -> str:
         """The layout in words, for the log: e.g. "fsdp, 2 replicas x 2 shards, tp 2"."""
-        parts = [self.mode] if self.mode != "none" else []
+        parts = [f"pp {self.pp}"] if self.pp > 1 else []
+        parts += [self.mode] if self.mode != "none" else []
         if self.mode == "fsdp" and self.dp_replicate > 1:
             parts.append(f"{self.dp_replicate} replicas x {self.dp_shard} shards")
         if self.tp > 1:
@@ -160,7 +184,7 @@ class ParallelDims:
 class LayerStrategy:
     """How one block is spread and recomputed: a planner's answer for that layer (Galvatron).
 
-    The product dp_replicate x dp_shard x tp is the job's world size (pp = 1).
+    The product dp_replicate x dp_shard x tp is the number of ranks of a pipeline stage.
     """
 
     # Data-parallel replicas of this block's weights.

@@ -16,7 +16,8 @@ Within a tensor-parallel group of tp ranks:
   must hold forward and backward for that; without it DTensor gathers the logits).
 
 Weights are split from rank 0's copy, so the split model computes the single-process function.
-Only attention and the dense MLP are split: `check_tensor_parallel` refuses the other parts.
+Only attention and the dense MLP are split: `check_tensor_parallel` (parallel/limits.py)
+refuses the other parts.
 """
 
 from __future__ import annotations
@@ -36,38 +37,10 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from burrow.config import ModelConfig
-from burrow.errors import UserError
+from burrow.parallel.limits import check_tensor_parallel
 
-# The block parts tensor parallelism knows how to split: (role, registered name).
-SPLIT_PARTS = {("mixer", "attention"), ("ffn", "mlp")}
-
-
-def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
-    """Raise UserError (one line, naming the fix) unless `cfg` splits `tp` ways."""
-    if tp == 1:
-        return
-    sizes = {"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.kv_heads,
-             "model.d_ff": cfg.ffn_size, "model.vocab_size": cfg.vocab_size}
-    for name, size in sizes.items():
-        if size % tp:
-            raise UserError(f"train.tensor_parallel={tp} must divide {name}={size}; choose a "
-                            "degree that divides the heads, key/value heads, d_ff and vocabulary")
-    if cfg.positions == "relative":
-        raise UserError(f"train.tensor_parallel={tp}: Transformer-XL relative positions are not "
-                        "split by tensor parallelism; use --parallel fsdp without it, or "
-                        "model.positions=rope")
-    if cfg.dropout:
-        raise UserError(f"train.tensor_parallel={tp} with model.dropout={cfg.dropout}: the ranks "
-                        "would draw the same masks for different heads and positions; set "
-                        "model.dropout=0")
-    for layer in range(cfg.n_layers):
-        for role, kind in cfg.layer_spec(layer).parts():
-            if (role, kind) not in SPLIT_PARTS:
-                raise UserError(f"train.tensor_parallel={tp}: block {layer} has the {role} "
-                                f"{kind!r}, which tensor parallelism does not split (it splits "
-                                "attention and the dense MLP); use --parallel fsdp or ddp alone")
-
+__all__ = ["VocabParallelLoss", "apply_tensor_parallel", "check_tensor_parallel",
+           "loss_parallel_context"]
 
 def apply_tensor_parallel(model: nn.Module, mesh) -> None:
     """Split `model`'s weights over the 1-D tensor-parallel `mesh` in place (see above)."""

@@ -27,13 +27,23 @@ def parallelize(model: nn.Module, dims: ParallelDims, device: torch.device, bf16
     be those of `dims` (one plan for every block, for now). `compile` compiles each block.
     """
     layers = layers or LayerStrategy.uniform(dims, len(model.blocks))
-    _check_layers(layers, dims, len(model.blocks))
+    check_layers(layers, dims, len(model.blocks))
     mesh = dims.build_mesh(device.type) if dims.tp > 1 or dims.mode == "fsdp" else None
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
-    apply_checkpointing(model, [layer.checkpoint for layer in layers])
+    return spread(model, dims, mesh, device, bf16, [layer.checkpoint for layer in layers],
+                  compile)
+
+
+def spread(model: nn.Module, dims: ParallelDims, mesh, device: torch.device, bf16: bool,
+           checkpointed: list[bool], compile: bool) -> nn.Module:
+    """Steps 2 to 4 of `parallelize` on a whole model or one pipeline stage (whose `blocks`
+    are a ModuleDict keyed by block index): checkpointing of the blocks marked in
+    `checkpointed` (indexed by block), compilation, then data parallelism over the
+    data-parallel dimensions of `mesh`."""
+    apply_checkpointing(model, checkpointed)
     if compile:
-        for block in model.blocks:
+        for block in blocks_of(model):
             block.compile()
     if dims.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -41,8 +51,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, device: torch.device, bf16
         if dims.ep > 1:  # expert weights differ between ranks: DDP neither syncs nor averages them
             ignored = shard_experts(model, dims.build_mesh(device.type))
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        # Under pipeline parallelism the replicas are the ranks of one stage, not the world.
+        group = mesh["dp_replicate"].get_group() if dims.pp > 1 else None
         return DistributedDataParallel(model, device_ids=[device.index]
-                                       if device.type == "cuda" else None)
+                                       if device.type == "cuda" else None, process_group=group)
     if dims.mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -53,13 +65,20 @@ def parallelize(model: nn.Module, dims: ParallelDims, device: torch.device, bf16
         # weights, as torchtitan does on GPUs.
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if bf16 else MixedPrecisionPolicy())
-        for block in model.blocks:
+        for block in blocks_of(model):
             fully_shard(block, mesh=dp_mesh, mp_policy=policy)
         fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     return model
 
 
-def _check_layers(layers: list[LayerStrategy], dims: ParallelDims, n_layers: int) -> None:
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The blocks a model or pipeline stage holds, in order."""
+    blocks = model.blocks
+    return list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
+
+
+def check_layers(layers: list[LayerStrategy], dims: ParallelDims, n_layers: int) -> None:
+    """UserError unless `layers` gives each of the `n_layers` blocks the degrees of `dims`."""
     if len(layers) != n_layers:
         raise UserError(f"the plan describes {len(layers)} blocks, the model has {n_layers}")
     for index, layer in enumerate(layers):
@@ -74,13 +93,16 @@ def _check_layers(layers: list[LayerStrategy], dims: ParallelDims, n_layers: int
 def apply_checkpointing(model: nn.Module, checkpointed: list[bool]) -> None:
     """Wrap each block marked in `checkpointed` so that its activations are recomputed in the
     backward pass instead of kept (torch.utils.checkpoint, non-reentrant, as torchtitan does):
-    a block then keeps only its input. Parameter names in state dicts are unchanged."""
+    a block then keeps only its input. Parameter names in state dicts are unchanged.
+    `checkpointed` is indexed by block."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for index, recompute in enumerate(checkpointed):
-        if recompute:
+    blocks = model.blocks  # a ModuleList, or a pipeline stage's ModuleDict keyed by index
+    keys = list(blocks.keys() if isinstance(blocks, nn.ModuleDict) else range(len(blocks)))
+    for key in keys:
+        if checkpointed[int(key)]:
             # preserve_rng_state: the recomputation draws the same dropout masks and jitter.
-            model.blocks[index] = checkpoint_wrapper(model.blocks[index], preserve_rng_state=True)
+            blocks[key] = checkpoint_wrapper(blocks[key], preserve_rng_state=True)
 
 
 @contextlib.contextmanager

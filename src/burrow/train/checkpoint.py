@@ -151,6 +151,21 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module,
     return final
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random number generators' states a checkpoint keeps (the CPU's, and the GPU's)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Set the generators back to `rng_state`'s (a GPU's only where it was saved on one)."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def _staging_token(runtime: Runtime) -> str:
     """A name part unique to this save, the same on every rank (rank 0's, broadcast)."""
     token = [f"{os.getpid()}-{secrets.token_hex(4)}"]
@@ -259,9 +274,11 @@ def _load_failed(checkpoint: Path, error: BaseException) -> UserError:
                      "overrides that change the model, or start a new --out")
 
 
-def load_weights(checkpoint: Path, model: nn.Module, *, verify: bool = True) -> None:
+def load_weights(checkpoint: Path, model: nn.Module, *, verify: bool = True,
+                 alone: bool = False) -> None:
     """Load a checkpoint's weights into `model` (plain or FSDP-sharded), or raise UserError.
-    `verify` checks their checksums first (the trainer has checked them already)."""
+    `verify` checks their checksums first (the trainer has checked them already). `alone`:
+    this process reads shards by itself while its peers wait (not collective)."""
     checkpoint = Path(checkpoint)
     if verify:
         verify_checkpoint(checkpoint, "model")
@@ -271,14 +288,23 @@ def load_weights(checkpoint: Path, model: nn.Module, *, verify: bool = True) -> 
             weights = {**get_model_state_dict(model), **full_expert_weights(model)}
             with warnings.catch_warnings():  # loading shards into one process is intended
                 warnings.filterwarnings("ignore", message=".*single process")
-                dcp.load(weights, checkpoint_id=checkpoint / "model")
+                dcp.load(weights, checkpoint_id=checkpoint / "model", no_dist=alone)
             options = StateDictOptions()
         else:
             weights = load_file(checkpoint / "model.safetensors")
             options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, local_experts(model, weights), options=options)
+        set_model_state_dict(model, _stage_part(model, local_experts(model, weights)),
+                             options=options)
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as error:
         raise _load_failed(checkpoint, error) from None
+
+
+def _stage_part(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """What a pipeline stage holds of a whole model's weights or optimiser state (a
+    checkpoint of one process); all of it for a whole model."""
+    from burrow.parallel.pipeline import StageModule
+
+    return model.own(state) if isinstance(model, StageModule) else state
 
 
 def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -300,6 +326,8 @@ def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.opt
             options = StateDictOptions(full_state_dict=True)
         if state:
             state["state"] = local_experts(model, state["state"])
+            if options.full_state_dict:
+                state = _stage_part(model, state)
             set_optimizer_state_dict(model, optimizer, state, options=options)
         return torch.load(checkpoint / "trainer.pt", weights_only=True)
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:

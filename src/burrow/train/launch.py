@@ -17,14 +17,16 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: bool = False,
           trainer_class: type[Trainer] | None = None) -> dict[str, Any]:
     """Train a model as `cfg` says into `run_dir`; return a summary (step, losses, last eval).
 
-    The trainer is the one the config calls for (a distillation's, a retro-fitting's) unless
-    `trainer_class` names another."""
+    The trainer is the one the config calls for (a distillation's, a retro-fitting's, a
+    pipeline's) unless `trainer_class` names another."""
     if trainer_class is None:
         from burrow.train.distill import Distiller
+        from burrow.train.pipeline import PipelineTrainer
         from burrow.train.retrofit import RetroFitter
 
         trainer_class = (RetroFitter if cfg.retro_fit is not None else
-                         Distiller if cfg.distill is not None else Trainer)
+                         Distiller if cfg.distill is not None else
+                         PipelineTrainer if cfg.train.pipeline_parallel > 1 else Trainer)
     started = time.perf_counter()
     trainer = trainer_class(cfg, run_dir, resume=resume, allow_data_change=allow_data_change,
                             verbose=verbose)

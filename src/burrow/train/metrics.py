@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,19 +115,21 @@ class AuxMeter:
 
 
 def setup_line(cfg: Any, dims: Any, device: Any, accumulation: int, train_tokens: int,
-               val_tokens: int) -> str:
+               val_tokens: int, micro_batch_size: int | None = None) -> str:
     """The line a run starts with: the model's size, where it runs (on how many processes,
-    spread as ParallelDims `dims` says), the batch and the data."""
+    spread as ParallelDims `dims` says), the batch (`accumulation` micro-batches of
+    `micro_batch_size` sequences, default train.micro_batch_size) and the data."""
     model, train, data_parallel = cfg.model, cfg.train, dims.dp_degree
     where = (f"{dims.world_size} x {device.type} ({dims.describe()})" if dims.world_size > 1
              else str(device))
     active_params = model.num_params(active=True)
     active = (f", {active_params:,} active per token"
               if active_params != model.num_params() else "")
-    tokens_per_step = train.micro_batch_size * train.seq_len * accumulation * data_parallel
+    micro_batch_size = micro_batch_size or train.micro_batch_size
+    tokens_per_step = micro_batch_size * train.seq_len * accumulation * data_parallel
     return (f"model: {model.num_params():,} parameters{active} "
             f"({model.num_params(embeddings=False):,} without embeddings) on {where}; "
-            f"{tokens_per_step:,} tokens per step ({train.micro_batch_size} x {train.seq_len} x "
+            f"{tokens_per_step:,} tokens per step ({micro_batch_size} x {train.seq_len} x "
             f"{accumulation} x {data_parallel} ranks); data: {train_tokens:,} train / "
             f"{val_tokens:,} val tokens")
 
@@ -149,6 +152,39 @@ def progress_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: 
     return (f"step {step:>{width}}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
             f"grad {grad_norm:.3f} | {terms}{tokens_per_second:,.0f} tok/s | MFU {mfu_text} | "
             f"ETA {format_duration(eta_seconds)}")
+
+
+def train_report(step: int, max_steps: int, loss: float, cross_entropy: float, lr: float,
+                 grad_norm: float, tokens: int, tokens_per_second: float, mfu: float | None,
+                 eta_seconds: float, aux: dict[str, Any] | None,
+                 aux_losses: frozenset[str]) -> tuple[dict[str, Any], str]:
+    """The metrics.jsonl row and the progress line of an interval of training steps."""
+    row = {"step": step, "split": "train", "loss": loss, "cross_entropy": cross_entropy,
+           "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+           "tokens_per_second": tokens_per_second, "mfu": mfu, "time": time.time()}
+    if aux is not None:
+        row["aux"] = aux
+    return row, progress_line(step, max_steps, loss, lr, grad_norm, tokens_per_second, mfu,
+                              eta_seconds, aux, aux_losses)
+
+
+def append_sample(path: Path, step: int, text: str) -> None:
+    """Add a sample generated at `step` to samples.txt (temperature 0.8, top-k 50, seed 0)."""
+    earlier = path.read_text() if path.is_file() else ""
+    write_text(path, f"{earlier}--- step {step}, temperature 0.8, top-k 50, seed 0 ---\n"
+                     f"{text}\n")
+
+
+def eval_report(step: int, lr: float, result: dict[str, Any],
+                yardstick: dict[str, float]) -> tuple[dict[str, Any], str]:
+    """The metrics.jsonl row and the log line of a periodic evaluation."""
+    row = {"step": step, "split": "val", "loss": result["loss"], "lr": lr,
+           "perplexity": result["perplexity"], "bits_per_byte": result["bits_per_byte"],
+           "tokens": result["tokens"], **yardstick, "time": time.time()}
+    line = (f"eval step {step} | val loss {result['loss']:.4f} | ppl {result['perplexity']:.2f} "
+            f"| {result['bits_per_byte']:.3f} bits/byte (gzip "
+            f"{yardstick['gzip_bits_per_byte']:.3f}, xz {yardstick['xz_bits_per_byte']:.3f})")
+    return row, line
 
 
 def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:

@@ -26,14 +26,12 @@ from burrow.config import RunConfig
 from burrow.data import BatchLoader
 from burrow.errors import UserError
 from burrow.eval.evaluate import evaluate
-from burrow.files import write_text
 from burrow.flops import flops_per_token
 from burrow.infer import generate
 from burrow.model import ModelOutput, Transformer
 from burrow.parallel import (
     LayerStrategy,
     ParallelDims,
-    check_tensor_parallel,
     clip_grad_norm_,
     gradient_sync,
     init_runtime,
@@ -45,6 +43,8 @@ from burrow.train.checkpoint import (
     list_checkpoints,
     load_training_state,
     load_weights,
+    restore_rng_state,
+    rng_state,
     save_checkpoint,
     whole_copy,
 )
@@ -53,10 +53,12 @@ from burrow.train.lock import job_lock, on_rank_zero
 from burrow.train.metrics import (
     AuxMeter,
     MetricsLog,
+    append_sample,
+    eval_report,
     plot_expert_load,
     plot_losses,
-    progress_line,
     setup_line,
+    train_report,
 )
 from burrow.train.optim import build_optimizer, learning_rate
 from burrow.train.rundata import load_run_data
@@ -84,8 +86,7 @@ class Trainer:
         self.resume, self.allow_data_change = resume, allow_data_change
         # checked before joining a process group, which an error here would leave behind
         self.dims = ParallelDims.for_train(cfg.train, launched_world_size())
-        self.dims.check_experts(cfg.model.moe.num_experts)
-        check_tensor_parallel(cfg.model, self.dims.tp)
+        self.dims.check_model(cfg)
         self.runtime = init_runtime(cfg.train.device, cfg.train.parallel)
         self.device = self.runtime.device
         self.autocast = autocast_for(self.device, cfg.train.precision)
@@ -129,16 +130,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
         self.prepare_model()
-        layers = LayerStrategy.uniform(self.dims, cfg.model.n_layers,
-                                       cfg.train.checkpointed(cfg.model.n_layers))
-        self.forward = self.wrapped = parallelize(self.model, self.dims, self.device,
-                                                  bf16=self.autocast is not None, layers=layers,
-                                                  compile=cfg.train.compile)
+        self.wrap_model()
         self.optimizer = build_optimizer(self.model, cfg.train)
-        micro_tokens = cfg.train.micro_batch_size * cfg.train.seq_len * self.dims.dp_degree
-        self.accumulation = max(1, round(cfg.train.batch_tokens / micro_tokens))
-        self.tokens_per_step = self.accumulation * micro_tokens
-        self.loader = BatchLoader(self.train_data, cfg.train.micro_batch_size, cfg.train.seq_len,
+        self.tokens_per_step = (self.accumulation * self.micro_batch_size * cfg.train.seq_len
+                                * self.dims.dp_degree)
+        self.loader = BatchLoader(self.train_data, self.micro_batch_size, cfg.train.seq_len,
                                   seed=cfg.train.seed, rank=self.dims.dp_rank(self.runtime.rank),
                                   world_size=self.dims.dp_degree,
                                   align=cfg.model.retro.chunk_size if cfg.model.retro else 1)
@@ -151,7 +147,20 @@ class Trainer:
             self._restore(checkpoint, verify=False)
         self.log(setup_line(cfg, self.dims, self.device, self.accumulation,
                             self.train_data.num_tokens,
-                            self.val_data.num_tokens if self.val_data else 0))
+                            self.val_data.num_tokens if self.val_data else 0,
+                            self.micro_batch_size))
+
+    def wrap_model(self) -> None:
+        """Spread the model (parallel/); set micro_batch_size and accumulation of a step."""
+        train = self.cfg.train
+        layers = LayerStrategy.uniform(self.dims, self.cfg.model.n_layers,
+                                       train.checkpointed(self.cfg.model.n_layers))
+        self.forward = self.wrapped = parallelize(self.model, self.dims, self.device,
+                                                  bf16=self.autocast is not None, layers=layers,
+                                                  compile=train.compile)
+        self.micro_batch_size = train.micro_batch_size
+        micro_tokens = train.micro_batch_size * train.seq_len * self.dims.dp_degree
+        self.accumulation = max(1, round(train.batch_tokens / micro_tokens))
 
     def prepare_model(self) -> None:
         """Change the fresh model before it is wrapped and its optimiser built: subclasses load
@@ -174,9 +183,7 @@ class Trainer:
         state = load_training_state(checkpoint, self.model, self.optimizer, verify=verify)
         if "loader" in state:  # an imported model's checkpoint starts the loader and RNG fresh
             self.loader.load_state_dict(state["loader"], allow_data_change=self.allow_data_change)
-            torch.set_rng_state(state["rng"]["torch"])
-            if self.device.type == "cuda" and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
+            restore_rng_state(state["rng"], self.device)
         self.step = state["step"]
         self.spikes = SpikeDetector(self.cfg.train.spike_factor, self.cfg.train.spike_window,
                                     state.get("spike_history"))
@@ -302,15 +309,10 @@ class Trainer:
                if self.peak_flops else None)
         lr = self.optimizer.param_groups[0]["lr"]
         eta = smoothed_seconds * (self.cfg.train.max_steps - self.step)
-        aux = self.aux.take()  # the interval's means, per layer
-        self.log(progress_line(self.step, self.cfg.train.max_steps, loss, lr, grad_norm,
-                               tokens_per_second, mfu, eta, aux, frozenset(self.aux.losses)))
-        row = {"step": self.step, "split": "train", "loss": loss,
-               "cross_entropy": cross_entropy, "lr": lr, "grad_norm": grad_norm,
-               "tokens": self.step * self.tokens_per_step,
-               "tokens_per_second": tokens_per_second, "mfu": mfu, "time": time.time()}
-        if aux is not None:
-            row["aux"] = aux
+        row, line = train_report(self.step, self.cfg.train.max_steps, loss, cross_entropy, lr,
+                                 grad_norm, self.step * self.tokens_per_step, tokens_per_second,
+                                 mfu, eta, self.aux.take(), frozenset(self.aux.losses))
+        self.log(line)
         self.record(row)
 
     def _recover_from_spike(self, loss: float, threshold: float) -> None:
@@ -351,35 +353,31 @@ class Trainer:
 
     # -- evaluation, checkpoints, samples ----------------------------------------------------
 
+    def evaluation(self) -> dict[str, float]:
+        """Loss, perplexity and bits per byte on the held-out tokens (eval/evaluate.py)."""
+        with loss_parallel_context(self.dims.tp):
+            return evaluate(self.model, self.val_data, seq_len=self.cfg.train.seq_len,
+                            batch_size=self.cfg.train.micro_batch_size, device=self.device,
+                            max_tokens=self.cfg.train.eval_tokens or None,
+                            autocast=self.autocast, num_bytes=self.eval_bytes,
+                            inputs_more=lambda starts: self.batch_inputs("val", starts))
+
     def evaluate(self) -> dict[str, float] | None:
         if self.val_data is None:
             return None
-        with loss_parallel_context(self.dims.tp):
-            result = evaluate(self.model, self.val_data, seq_len=self.cfg.train.seq_len,
-                              batch_size=self.cfg.train.micro_batch_size, device=self.device,
-                              max_tokens=self.cfg.train.eval_tokens or None,
-                              autocast=self.autocast, num_bytes=self.eval_bytes,
-                              inputs_more=lambda starts: self.batch_inputs("val", starts))
+        result = self.evaluation()
         if not self.runtime.is_main:  # every rank evaluates (FSDP needs them all); one reports
             return result
-        self.record({"step": self.step, "split": "val", "loss": result["loss"],
-                            "lr": self.optimizer.param_groups[0]["lr"],
-                            "perplexity": result["perplexity"],
-                            "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"],
-                            **self.yardstick, "time": time.time()})
-        self.log(f"eval step {self.step} | val loss {result['loss']:.4f} | "
-                 f"ppl {result['perplexity']:.2f} | {result['bits_per_byte']:.3f} bits/byte "
-                 f"(gzip {self.yardstick['gzip_bits_per_byte']:.3f}, "
-                 f"xz {self.yardstick['xz_bits_per_byte']:.3f})")
+        row, line = eval_report(self.step, self.optimizer.param_groups[0]["lr"], result,
+                                self.yardstick)
+        self.record(row)
+        self.log(line)
         self.plot()
         return result
 
     def save(self) -> Path:
         state = {"step": self.step, "loader": self.loader.state_dict(),
-                 "rng": {"torch": torch.get_rng_state()},
-                 "spike_history": list(self.spikes.losses)}
-        if self.device.type == "cuda":
-            state["rng"]["cuda"] = torch.cuda.get_rng_state()
+                 "rng": rng_state(self.device), "spike_history": list(self.spikes.losses)}
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                keep=self.cfg.train.keep_checkpoints,
                                sharded=self.dims.sharded, runtime=self.runtime,
@@ -394,10 +392,15 @@ class Trainer:
         plot_losses(rows, self.run_dir / "loss.png", title=title)
         plot_expert_load(rows, self.run_dir / "experts.png", title=title)
 
+    def sample_model(self) -> torch.nn.Module | None:
+        """The model to sample from on rank 0 (None elsewhere): heads split over ranks fit no
+        KV cache, so a tensor-parallel one is gathered into a whole copy. Collective."""
+        if self.dims.tp > 1:
+            return whole_copy(self.model, self.device, self.runtime)
+        return self.model
+
     def write_sample(self) -> str:
-        model = self.model
-        if self.dims.tp > 1:  # heads split over ranks fit no KV cache: sample from a whole copy
-            model = whole_copy(self.model, self.device, self.runtime)
+        model = self.sample_model()
         if model is None:
             return ""
         ids = torch.tensor([self.tokenizer.encode(SAMPLE_PROMPT)], device=self.device)
@@ -406,10 +409,7 @@ class Trainer:
         text = self.tokenizer.decode(out[0].tolist())
         if not self.runtime.is_main:
             return text
-        path = self.run_dir / "samples.txt"
-        earlier = path.read_text() if path.is_file() else ""
-        write_text(path, f"{earlier}--- step {self.step}, temperature 0.8, top-k 50, seed 0 "
-                         f"---\n{text}\n")
+        append_sample(self.run_dir / "samples.txt", self.step, text)
         return text
 
     def release(self) -> None:

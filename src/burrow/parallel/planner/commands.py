@@ -6,6 +6,7 @@ unless this machine is to be measured (--profile, --hardware local, --profile-on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from burrow import presets
 from burrow.errors import UserError
 from burrow.flops import flops_per_token, mfu
+from burrow.parallel.planner.executable import search_executable
 from burrow.parallel.planner.hardware import EFFICIENCY, CostInputs, get_hardware
 from burrow.parallel.planner.plan import Plan
 from burrow.parallel.planner.search import Outcome, search
@@ -56,6 +58,8 @@ def plan_parallel_command(args: argparse.Namespace) -> dict[str, Any]:
         check_writable_dir(Path(args.out).parent, "folder of --out", "choose another --out")
     job = Job(cfg, args.gpus, sequences, seq_len, preset=args.preset, precision=precision)
     result = search(job, inputs)
+    if getattr(args, "executable", False):  # the searched plan is the fastest burrow can run
+        result = dataclasses.replace(result, best=search_executable(job, inputs))
     if args.out:
         result.best.save(args.out)
     step_flops = flops_per_token(cfg, seq_len) * sequences * seq_len
@@ -80,7 +84,8 @@ def plan_parallel_command(args: argparse.Namespace) -> dict[str, Any]:
                     "gpus_per_node": inputs.gpus_per_node, "memory_bytes": inputs.memory_bytes,
                     "seq_len": seq_len, "global_batch_sequences": sequences,
                     "precision": precision, "efficiency": efficiency,
-                    "measured": inputs.measured is not None},
+                    "measured": inputs.measured is not None,
+                    "executable": getattr(args, "executable", False)},
             "out": args.out}
 
 
@@ -172,7 +177,8 @@ def format_plan_parallel(result: dict[str, Any]) -> str:
     lines = [f"{job['preset']} on {job['gpus']} x {job['hardware']} ({job['gpus_per_node']} per "
              f"node, {format_bytes(job['memory_bytes'])} each), "
              f"{job['global_batch_sequences']:,} sequences of {job['seq_len']:,} tokens a step",
-             "", f"searched plan: {describe_shape(plan)}; mesh {describe_mesh(plan)}",
+             "", f"searched plan{' (executable)' if job.get('executable') else ''}: "
+             f"{describe_shape(plan)}; mesh {describe_mesh(plan)}",
              *stage_lines(plan)]
     header = f"{'':<24} {'step':>9} {'tokens/s':>9} {'MFU':>6} {'memory/GPU':>11}"
     lines += ["", header, "-" * len(header),
