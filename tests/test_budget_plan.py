@@ -14,6 +14,7 @@ from burrow.config import ModelConfig
 from burrow.errors import UserError
 from burrow.flops import flops_per_token, matmul_params
 from burrow.parallel.planner import CostInputs, Job, Plan, get_hardware, search
+from burrow.parallel.planner.executable import apply_plan, executable_problem
 from burrow.scaling import cluster as on_cluster
 from burrow.scaling.laws import get_law
 from burrow.scaling.plan import plan
@@ -147,6 +148,9 @@ def test_emitted_config_and_plan_load_and_agree(capsys, tmp_path):
     assert result["emitted_plan"] == str(tmp_path / "run.plan.json")
     assert planned.to_dict() == result["plan"] and planned.world_size == 8
     planned.check(cfg.model, 8, cfg.train.seq_len)  # made for this model on these GPUs
+    # the launch line's `train --plan` runs it: one layout for every layer
+    assert executable_problem(planned) is None and result["cluster"]["executable"]
+    assert apply_plan(cfg, planned, 8).train.batch_tokens == cfg.train.batch_tokens
     assert cfg.train.batch_tokens == planned.global_batch * cfg.train.seq_len
     assert cfg.train.max_steps * cfg.train.batch_tokens == pytest.approx(
         result["model"]["tokens"], rel=0.01)

@@ -259,6 +259,8 @@ def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
                       "80GiB, 40e9); default the GPU's")
     plan.add_argument("--global-batch", type=POSITIVE_INT, metavar="TOKENS", help="with "
                       "--cluster: tokens per step, whole 2048-token sequences; default 2^21")
+    plan.add_argument("--executable", action="store_true", help="with --cluster: only plans "
+                      "burrow train --plan runs (always with --emit-config)")
     plan.add_argument("--arch", default="llama", choices=("llama", "chinchilla"),
                       help="architecture family of the suggested model; default llama")
     plan.add_argument("--vocab-size", type=POSITIVE_INT, default=32_000,

@@ -45,6 +45,7 @@ from burrow.parallel.planner.commands import (
     global_batch_sequences,
     stage_lines,
 )
+from burrow.parallel.planner.executable import search_executable
 from burrow.parallel.planner.layers import PRECISIONS
 from burrow.scaling import plan as planning
 from burrow.scaling.laws import ScalingLaw, get_law
@@ -73,6 +74,9 @@ class Cluster:
     seq_len: int = planning.PLAN_SEQ_LEN
     # "bf16" (mixed precision) or "fp32".
     precision: str = "bf16"
+    # Search only plans `burrow train --plan` runs (one layout for every layer): what an
+    # emitted config's launch line starts (parallel/planner/executable.py).
+    executable: bool = False
 
     @property
     def nodes(self) -> int:
@@ -88,11 +92,12 @@ class Cluster:
                 "gpus_per_node": min(self.gpus, self.hardware.gpus_per_node),
                 "peak_flops": self.hardware.peak_flops, "memory_bytes": self.memory_bytes,
                 "seq_len": self.seq_len, "global_batch_sequences": self.global_batch,
-                "global_batch_tokens": self.tokens_per_step, "precision": self.precision}
+                "global_batch_tokens": self.tokens_per_step, "precision": self.precision,
+                "executable": self.executable}
 
 
 def parse_cluster(text: str, *, memory: str | None = None, global_batch: int | None = None,
-                  precision: str = "bf16") -> Cluster:
+                  precision: str = "bf16", executable: bool = False) -> Cluster:
     """'64xh100' -> 64 GPUs of the planner's h100 row; `memory` ('80GB') defaults to its HBM,
     `global_batch` (tokens) to plan-parallel's 2^21."""
     found = _CLUSTER.match(text)
@@ -121,7 +126,7 @@ def parse_cluster(text: str, *, memory: str | None = None, global_batch: int | N
     # al. 2022, Table 4).
     seq_len = planning.PLAN_SEQ_LEN
     sequences = global_batch_sequences(global_batch, seq_len)
-    return Cluster(count, hardware, memory_bytes, sequences, seq_len, precision)
+    return Cluster(count, hardware, memory_bytes, sequences, seq_len, precision, executable)
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,8 @@ def plan_speed(cfg: ModelConfig, cluster: Cluster) -> Speed:
     job = Job(cfg, cluster.gpus, cluster.global_batch, cluster.seq_len,
               precision=cluster.precision)
     try:
-        best = search(job, inputs).best
+        best = (search_executable(job, inputs) if cluster.executable
+                else search(job, inputs).best)
     except UserError as error:
         # The planner names plan-parallel's --gpus; here the GPUs come from --cluster.
         raise UserError(str(error).replace("more --gpus", "more GPUs in --cluster")) from None
@@ -282,7 +288,9 @@ def format_cluster(result: dict[str, Any]) -> list[str]:
              f"{format_bytes(cluster['memory_bytes'])} each), "
              f"{cluster['global_batch_sequences']:,} sequences of {cluster['seq_len']:,} "
              "tokens a step",
-             f"plan      {describe_shape(plan)}; mesh {describe_mesh(plan)}",
+             f"plan      {describe_shape(plan)}; mesh {describe_mesh(plan)}"
+             + (" (one layout for every layer: burrow train --plan runs it)"
+                if cluster.get("executable") else ""),
              *stage_lines(plan, indent=" " * 10),
              f"speed     {format_seconds(result['predicted_step_s'])} a step, "
              f"{format_count(result['tokens_per_second'])} tokens/s, MFU "

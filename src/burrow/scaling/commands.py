@@ -70,7 +70,9 @@ def _plan_on_cluster(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--cluster {args.cluster} names the GPUs and how many; leave out "
                         "--device and --num-devices")
     on = cluster.parse_cluster(args.cluster, memory=args.memory,
-                               global_batch=args.global_batch, precision=args.precision)
+                               global_batch=args.global_batch, precision=args.precision,
+                               # the emitted launch line must start a plan burrow runs
+                               executable=args.executable or bool(args.emit_config))
     return cluster.plan_on_cluster(on, flops=args.flops, gpu_hours=args.gpu_hours,
                                    preset=args.preset, tokens=args.tokens, law=args.law,
                                    arch=args.arch, vocab_size=args.vocab_size,
