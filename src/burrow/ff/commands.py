@@ -79,7 +79,7 @@ def ff_command(args: argparse.Namespace) -> dict:
               "epochs": cfg.epochs, "train_images": len(dataset.train.head(cfg.train_limit)
                                                        .labels),
               "test_images": len(dataset.test.labels),
-              **train.test_errors(cfg, net, dataset),
+              **train.evaluate(cfg, net, dataset),
               "final_losses": history[-1].losses,
               "seconds": round(time.perf_counter() - started, 2),
               "config": train.describe(cfg)}

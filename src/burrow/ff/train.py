@@ -179,7 +179,7 @@ def _backprop_step(cfg: FFConfig, net: BackpropNet):
 
 
 @torch.no_grad()
-def test_errors(cfg: FFConfig, net: nn.Module, data: Mnist, batch: int = 1000
+def evaluate(cfg: FFConfig, net: nn.Module, data: Mnist, batch: int = 1000
                 ) -> dict[str, float]:
     """Error rates on data.test: `test_error` is the paper's measure for the mode (the largest
     goodness over the 10 labels for supervised FF, §3.3; the linear read-out for unsupervised FF,
