@@ -38,3 +38,23 @@ def tiny_run_config(**train) -> RunConfig:
 
 def burrow_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "burrow", *args]
+
+
+@pytest.fixture(scope="session")
+def single_run(tmp_path_factory) -> Path:
+    """Eight steps of test_parallel.COMMON in one process, ending with a held-out evaluation:
+    the run every parallel layout (data, tensor, pipeline) must reproduce."""
+    from test_parallel import train
+
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(out, 8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def single(single_run) -> list[float]:
+    """The train losses of `single_run`, step by step."""
+    from burrow.train.metrics import MetricsLog
+
+    return [row["loss"] for row in MetricsLog(single_run / "metrics.jsonl").rows()
+            if row["split"] == "train"]

@@ -156,9 +156,9 @@ def test_expert_parallel_training_matches_one_process_and_resumes(tmp_path):
     assert load_file(checkpoint / "model.safetensors")[name].shape[0] == 4
     optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert optimizer["state"][name]["exp_avg"].shape[0] == 4
-    # Split -> one process -> FSDP shards -> split again, each resuming the previous.
-    train(out, 4, resume=True, extra=(*MOE, "--expert-parallel", "1"))
-    train(out, 6, processes=2, parallel="fsdp", resume=True, extra=(*MOE, "--expert-parallel", "1"))
+    # Split -> FSDP shards -> split again, each resuming the previous (one process reads the
+    # split's whole safetensors as it reads any run's).
+    train(out, 5, processes=2, parallel="fsdp", resume=True, extra=(*MOE, "--expert-parallel", "1"))
     losses = train(out, 8, processes=2, parallel="ddp", resume=True, extra=EXPERT_PARALLEL)
     assert losses == pytest.approx(expected, rel=1e-4)
     assert grad_norms(out) == pytest.approx(grad_norms(single), rel=1e-4)

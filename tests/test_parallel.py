@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,8 +45,11 @@ def train(out: Path, steps: int, processes: int = 1, parallel: str = "none",
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> list[float]:
-    return train(tmp_path_factory.mktemp("single") / "run", 8)
+def fsdp_checkpoint(tmp_path_factory) -> Path:
+    """Four steps sharded over two processes: a checkpoint of DCP shards at step 4."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    train(out, 4, processes=2, parallel="fsdp")
+    return out
 
 
 # Tolerance: the ranks' gradients are averaged by an all-reduce instead of one mean over the
@@ -70,9 +74,10 @@ def test_ddp_and_fsdp_run_in_one_process_without_torchrun(tmp_path, single, para
 
 # "fsdp": the run's own config, as `burrow train --out RUN --resume` reads it on a laptop
 @pytest.mark.parametrize("resumed_as", ["none", "fsdp"])
-def test_fsdp_checkpoint_resumes_with_one_process(tmp_path, single, resumed_as):
+def test_fsdp_checkpoint_resumes_with_one_process(tmp_path, single, fsdp_checkpoint,
+                                                  resumed_as):
     out = tmp_path / "run"
-    train(out, 4, processes=2, parallel="fsdp")
+    shutil.copytree(fsdp_checkpoint, out)
     checkpoint = out / "checkpoints" / "step_4"
     assert (checkpoint / "model").is_dir() and (checkpoint / "optimizer").is_dir()
     losses = train(out, 8, parallel=resumed_as, resume=True)
@@ -90,13 +95,11 @@ def test_single_checkpoint_resumes_with_two_processes(tmp_path, single):
     assert losses == pytest.approx(single, rel=1e-4)
 
 
-def test_load_run_reads_a_sharded_checkpoint(tmp_path):
+def test_load_run_reads_a_sharded_checkpoint(fsdp_checkpoint):
     from burrow import load_run
 
-    out = tmp_path / "run"
-    train(out, 2, processes=2, parallel="fsdp")
-    assert (out / "checkpoints" / "step_2" / "model").is_dir()
-    model, tokenizer, _ = load_run(out)
+    assert (fsdp_checkpoint / "checkpoints" / "step_4" / "model").is_dir()
+    model, tokenizer, _ = load_run(fsdp_checkpoint)
     import torch
 
     ids = torch.tensor([tokenizer.encode("def ")])

@@ -83,24 +83,19 @@ def test_split_models_compute_the_whole_ones():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> list[float]:
-    return train(tmp_path_factory.mktemp("single") / "run", 8)
-
-
 # Tolerance as in test_parallel.py: collectives combine the ranks' partial sums in another
 # order than one process's matmuls, so the losses agree to float32 rounding (~1e-7 relative),
 # which eight AdamW steps amplify a little; 1e-4 relative is far below what a step of training
 # moves the loss (~1e-2).
 def test_tensor_parallel_matches_one_process_and_resumes_across_plans(tmp_path, single):
-    """tp=2 -> FSDP over 2 ranks -> one process -> tp=2 again, each resuming the previous
-    checkpoint (DCP shards, DCP shards, safetensors, then DCP): the losses of one process."""
+    """tp=2 -> one process -> tp=2 again, each resuming the previous checkpoint (DCP shards,
+    safetensors, then DCP): the losses of one process. (FSDP's shards are resumed across
+    layouts in test_parallel.py and test_pipeline_parallel.py.)"""
     out = tmp_path / "run"
     tp = ("--tensor-parallel", "2")
     train(out, 3, processes=2, data_parallel=1, extra=tp)
     assert json.loads((out / "parallel.json").read_text())["tp"] == 2
     assert (out / "checkpoints" / "step_3" / "model").is_dir()
-    train(out, 5, processes=2, parallel="fsdp", resume=True, extra=("--tensor-parallel", "1"))
     train(out, 6, resume=True, extra=("--tensor-parallel", "1"))
     assert (out / "checkpoints" / "step_6" / "model.safetensors").is_file()
     losses = train(out, 8, processes=2, data_parallel=1, resume=True, extra=tp)
