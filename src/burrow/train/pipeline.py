@@ -16,7 +16,6 @@ evaluation and a sample that go through the pipeline's stages (parallel/pipeline
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 
 import torch
@@ -26,7 +25,6 @@ from burrow.model import Transformer
 from burrow.parallel.dims import LayerStrategy
 from burrow.parallel.pipeline import build_pipeline
 from burrow.train.checkpoint import latest_checkpoint, load_weights
-from burrow.train.optim import learning_rate
 from burrow.train.trainer import Trainer
 
 
@@ -44,22 +42,16 @@ class PipelineTrainer(Trainer):
         self.micro_batch_size = self.pipeline.micro_batch_size
         self.accumulation = self.pipeline.micro_batches
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimiser step through the pipeline: loss, cross-entropy, grad norm."""
-        lr = learning_rate(self.step, self.cfg.train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def forward_backward(self) -> torch.Tensor:
+        """The step's micro-batches through the pipeline's schedule: (loss, cross-entropy)."""
         batches = [self.loader.next_batch() for _ in range(self.accumulation)]
         inputs = torch.cat([inputs for inputs, _ in batches]).to(self.device)
         targets = torch.cat([targets for _, targets in batches]).to(self.device)
         with self.autocast or nullcontext():
-            losses = self.pipeline.step(inputs, targets)
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = self.pipeline.clip_grad_norm_(clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return float(losses[0]), float(losses[1]), float(grad_norm)
+            return self.pipeline.step(inputs, targets)
+
+    def clip_gradients(self, clip: float) -> torch.Tensor:
+        return self.pipeline.clip_grad_norm_(clip)
 
     def evaluation(self) -> dict[str, float]:
         train = self.cfg.train

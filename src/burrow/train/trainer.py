@@ -205,10 +205,21 @@ class Trainer:
         return self.retrieval.batch(split, starts, self.cfg.train.seq_len, device=self.device)
 
     def train_step(self) -> tuple[float, float, float]:
-        """One optimiser step over `accumulation` micro-batches: loss, cross-entropy, grad norm."""
+        """One optimiser step: loss, cross-entropy, grad norm."""
         lr = learning_rate(self.step, self.cfg.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        losses = self.forward_backward()
+        grad_norm = self.clip_gradients(
+            self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(losses[0]), float(losses[1]), float(grad_norm)
+
+    def forward_backward(self) -> torch.Tensor:
+        """The step's `accumulation` micro-batches forward and backward: (loss, cross-entropy),
+        each the mean over the step's micro-batches and the ranks."""
         loss_sum = torch.zeros((), device=self.device)
         cross_entropy_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.accumulation):
@@ -226,19 +237,18 @@ class Trainer:
                 (out.loss / self.accumulation).backward()
             loss_sum += out.loss.detach()
             cross_entropy_sum += out.cross_entropy.detach()
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        self.aux.end_step(self.runtime.mean, self.accumulation)
+        return self.runtime.mean(torch.stack([loss_sum, cross_entropy_sum])) / self.accumulation
+
+    def clip_gradients(self, clip: float) -> torch.Tensor:
+        """Scale the gradients to a global norm of at most `clip`; the norm before."""
         if self.dims.ep > 1:  # expert gradients live on different ranks: the global norm
             grad_norm = clip_grad_norm_(self.model, clip)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        losses = self.runtime.mean(torch.stack([loss_sum, cross_entropy_sum])) / self.accumulation
-        self.aux.end_step(self.runtime.mean, self.accumulation)
-        return float(losses[0]), float(losses[1]), float(grad_norm)
+        return grad_norm
 
     def run(self) -> dict[str, Any]:
         """Train to max_steps (or until a signal), evaluating and checkpointing on the way."""
