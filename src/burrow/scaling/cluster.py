@@ -47,6 +47,7 @@ from burrow.parallel.planner.commands import (
 )
 from burrow.parallel.planner.executable import search_executable
 from burrow.parallel.planner.layers import PRECISIONS
+from burrow.parallel.planner.search import NoPlanFits
 from burrow.scaling import plan as planning
 from burrow.scaling.laws import ScalingLaw, get_law
 from burrow.scaling.shapes import choose_shape
@@ -149,9 +150,9 @@ def plan_speed(cfg: ModelConfig, cluster: Cluster) -> Speed:
     try:
         best = (search_executable(job, inputs) if cluster.executable
                 else search(job, inputs).best)
-    except UserError as error:
-        # The planner names plan-parallel's --gpus; here the GPUs come from --cluster.
-        raise UserError(str(error).replace("more --gpus", "more GPUs in --cluster")) from None
+    except NoPlanFits as error:  # here the GPUs come from --cluster
+        raise UserError(error.advice("more --memory, more GPUs in --cluster or a smaller "
+                                     "--global-batch")) from None
     tokens_per_second = cluster.tokens_per_step / best.predicted_step_s
     peak = cluster.gpus * cluster.hardware.peak_flops
     return Speed(best, tokens_per_second,

@@ -20,7 +20,7 @@ from burrow.errors import UserError
 from burrow.parallel.limits import check_tensor_parallel, pipeline_refusal
 from burrow.parallel.planner.hardware import CostInputs
 from burrow.parallel.planner.plan import Plan
-from burrow.parallel.planner.search import make_plan, solve_stage
+from burrow.parallel.planner.search import NoPlanFits, make_plan, solve_stage
 from burrow.parallel.planner.stages import (
     Config,
     Job,
@@ -144,7 +144,7 @@ def search_executable(job: Job, inputs: CostInputs) -> Plan:
             if best is None or plan.predicted_step_s < best.predicted_step_s:
                 best = plan
     if best is None:
-        raise UserError("no plan burrow can execute fits (one layout for every layer, no "
-                        "tensor parallelism in a pipeline); give more --memory, more --gpus or "
-                        "a smaller --global-batch, or drop --executable for the full search")
+        raise NoPlanFits("no plan burrow can execute fits (one layout for every layer, no "
+                         "tensor parallelism in a pipeline)",
+                         ", or drop --executable for the full search")
     return best

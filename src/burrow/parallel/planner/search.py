@@ -78,6 +78,18 @@ def solve_stage(problem: StageProblem) -> list[int] | None:
     return choice[::-1]
 
 
+class NoPlanFits(UserError):
+    """No plan fits in memory. The message names plan-parallel's flags; `advice(changes)`
+    words it for a command whose GPUs come from elsewhere (`burrow plan --cluster`)."""
+
+    def __init__(self, reason: str, note: str = ""):
+        self.reason, self.note = reason, note
+        super().__init__(self.advice("more --memory, more --gpus or a smaller --global-batch"))
+
+    def advice(self, changes: str) -> str:
+        return f"{self.reason}; give {changes}{self.note}"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """The best plan of one kind (searched, uniform, a baseline), or what the leanest needs."""
@@ -161,7 +173,7 @@ def make_plan(job: Job, inputs: CostInputs, config: Config, chosen: list[StageCh
                 peak_memory_bytes=max(stage.memory for stage in chosen), hardware=inputs.name)
 
 
-def no_fit_error(configs: list[Config], inputs: CostInputs) -> UserError:
+def no_fit_error(configs: list[Config], inputs: CostInputs) -> NoPlanFits:
     """Why nothing fits, in one line: the leanest configuration's heaviest stage, and the
     layer in it that needs most under its leanest strategy."""
     def heaviest(config: Config) -> tuple[float, int]:
@@ -187,5 +199,4 @@ def no_fit_error(configs: list[Config], inputs: CostInputs) -> UserError:
                  f"{len(problem.names)} layers, above the {held}; its largest is "
                  f"{problem.names[layer]} at {format_bytes(leanest[layer])} "
                  f"({strategy.label()})")
-    return UserError(f"no plan fits: {found}; give more --memory, more --gpus or a smaller "
-                     "--global-batch")
+    return NoPlanFits(f"no plan fits: {found}")
