@@ -38,10 +38,12 @@ class ForwardContext:
     rotary: RoPE's (cos, signed sin) tables for `positions`, each (T, D), or None.
     cache: the KV cache of a generation (infer/cache.py), or None in training.
     visible (T, S): which cached keys each query may attend to; or (B, 1, 1, S), which keys
-        every query of a sequence may attend to (a key mask of a bidirectional pass); None
-        where attention is simply causal or sees every key.
+        every query of a sequence may attend to (AdaTape's tape lengths, model/encoder.py);
+        None where attention is simply causal or sees every key.
     causal: whether a query attends to the keys before it only (a language model) or to all
         of them (an encoder: AdaTape's, a Universal Transformer).
+    tape_start: where AdaTape's tape tokens begin in the sequence (model/adatape.py), set by
+        the encoder once it has read them; None before, and in a model without a tape.
     statistics: whether parts should compute the statistics they report; off when decoding,
         which has no use for them.
     neighbours (B, C, k, r): RETRO's retrieved token ids, k neighbours of r tokens for each of
@@ -66,6 +68,7 @@ class ForwardContext:
                  retro_cache: Any = None, causal: bool = True):
         self.positions, self.start, self.rotary = positions, start, rotary
         self.causal = causal
+        self.tape_start: int | None = None
         self.cache, self.visible, self.statistics = cache, visible, statistics
         self.neighbours, self.embed, self.retro_cache = neighbours, embed, retro_cache
         self.encoded_neighbours: torch.Tensor | None = None
