@@ -1,4 +1,7 @@
-"""The parity task: sequences, labels, seeded streams, the held-out set."""
+"""The parity task (sequences, labels, seeded streams, the held-out set) and `burrow adatape
+parity` end to end: a tiny comparison through the command line, its outputs, its bad input."""
+
+import json
 
 import pytest
 import torch
@@ -6,6 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from burrow.adatape import parity
+from burrow.adatape.settings import ParityConfig
+from burrow.cli import main
+from burrow.errors import UserError
 
 
 def tokens_of(values: list[int]) -> torch.Tensor:
@@ -84,3 +90,77 @@ def test_the_held_out_set_is_fixed_and_drawn_apart_from_every_training_stream():
         batch, _ = next(parity.training_batches(20, 300, seed))
         assert not torch.equal(batch, tokens)
         assert (batch.unsqueeze(1) == tokens.unsqueeze(0)).all(-1).sum() == 0
+
+
+TINY = ["--length", "6", "--steps", "3", "--batch-size", "16", "--eval-size", "40",
+        "--d-model", "16", "--layers", "2", "--heads", "2", "--max-tape-len", "3", "--top-k",
+        "2"]
+
+
+def test_a_tiny_comparison_through_the_command_line(tmp_path, capsys):
+    out = tmp_path / "parity"
+    assert main(["adatape", "parity", *TINY, "--out", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    for name, adaptive in [("adatape", "mean_tape_length"), ("transformer", None),
+                           ("universal_transformer", "mean_ponder_steps")]:
+        entry = result[name]
+        assert {"accuracy", "params", "flops_per_example", "history"} <= set(entry), name
+        assert 0 <= entry["accuracy"] <= 1 and entry["flops_per_example"] > 0
+        assert [h["step"] for h in entry["history"]] == [1, 2, 3]
+        if adaptive:
+            assert entry[adaptive] > 0
+    assert 1 <= result["adatape"]["mean_tape_length"] <= 3
+    assert 1 <= result["universal_transformer"]["mean_ponder_steps"] <= 4  # 2 x --layers
+    params = [result[name]["params"] for name in ("adatape", "transformer",
+                                                  "universal_transformer")]
+    assert max(params) / min(params) < 1.25
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert (out / "tape_length.png").stat().st_size > 0
+    assert json.loads((out / "result.json").read_text())["task"]["length"] == 6
+    assert "adatape step 3/3" in captured.err and "examples/s" in captured.err
+    assert "parameters: adatape" in captured.err
+
+
+def test_the_table_names_each_model(tmp_path, capsys):
+    argv = ["adatape", "parity", *TINY, "--models", "transformer,universal_transformer",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "universal_transformer" in table and "GFLOPs/example" in table
+    assert "adatape " not in table and not (tmp_path / "tape_length.png").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--length", "0"], "--length"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-3"], "--steps"),
+    (["--models", "adatape,gpt"], "unknown model gpt"),
+    (["--models", ","], "unknown model"),
+    (["--threshold", "0"], "--threshold"),
+    (["--threshold", "-1"], "--threshold"),
+    (["--max-tape-len", "0"], "--max-tape-len"),
+    (["--top-k", "0"], "--top-k"),
+    (["--bank-size", "0"], "--bank-size"),
+    (["--length", "4", "--top-k", "5"], "--top-k 5 exceeds the 4 entries"),
+    (["--bank", "learnable", "--bank-size", "3", "--top-k", "5"], "bank_size"),
+    (["--d-model", "18", "--heads", "4"], "--d-model"),
+    (["--warmup-steps", "10", "--steps", "5"], "--warmup-steps"),
+])
+def test_bad_input_is_one_line(argv, words, tmp_path, capsys):
+    try:
+        status = main(["adatape", "parity", *argv, "--out", str(tmp_path)])
+    except SystemExit as stop:
+        status = stop.code
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("burrow: error: ") and words in lines[0], lines
+
+
+def test_the_config_refuses_what_the_flags_cannot_say():
+    with pytest.raises(UserError, match="twice"):
+        ParityConfig(models=["adatape", "adatape"]).validate()
+    with pytest.raises(UserError, match="sampling"):
+        ParityConfig(sampling="binary").validate()
+    with pytest.raises(UserError, match="length"):
+        parity.held_out(0)
