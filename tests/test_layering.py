@@ -26,6 +26,9 @@ FORBIDDEN = {
     # Forward-Forward stands apart: it reads the data cache's location, nothing of the LM stack
     "ff": {"model", "train", "parallel", "infer", "eval", "interop", "scaling", "retrieval",
            "commands", "run_commands", "cli", "run"},
+    # AdaTape's parity comparison builds models and its own task data, nothing of the LM's
+    "adatape": {"data", "train", "parallel", "infer", "eval", "interop", "scaling", "retrieval",
+                "commands", "run_commands", "cli", "run"},
     "infer": {"data", "train", "parallel", "eval", "interop", "scaling"},
     # the chunk database reads text and tokens (data/) and serves the model from outside
     "retrieval": {"model", "train", "parallel", "infer", "eval", "interop", "scaling",

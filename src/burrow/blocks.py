@@ -153,6 +153,13 @@ def switch_params(cfg: ModelConfig, layer: int, active: bool = False) -> int:
     return router + experts * matrices * cfg.d_model * cfg.expert_ffn_size
 
 
+def tape_mlp_params(cfg: ModelConfig, layer: int, active: bool = False) -> int:
+    """AdaTape's feed-forward layer: the dense MLP for the input positions and a second one
+    for the tape tokens; `active`: a token goes through one of them. Module: model/adatape.py,
+    TapeMLP."""
+    return mlp_params(cfg, layer) * (1 if active else 2)
+
+
 def cross_attention_params(query_width: int, key_width: int, inner: int, bias: bool) -> int:
     """Attention whose queries (and output) have one width and keys and values another: q and
     o of query_width x inner, k and v of key_width x inner. Module: model/retro.py."""
@@ -194,5 +201,7 @@ register("ffn", "mlp", "burrow.model.mlp:dense_mlp", mlp_params,
          "dense feed-forward: SwiGLU (PaLM) or GELU (GPT, Gopher), as model.ffn says")
 register("ffn", "switch", "burrow.model.moe:SwitchMLP", switch_params,
          "Switch Transformer experts behind a top-k router (model.moe)")
+register("ffn", "tape_mlp", "burrow.model.adatape:TapeMLP", tape_mlp_params,
+         "AdaTape: the dense MLP for input positions, a second one for tape tokens (model.adatape)")
 register("extra", "cca", "burrow.model.retro:ChunkedCrossAttention", cca_params,
          "RETRO's chunked cross-attention to encoded neighbours (model.retro)")

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from burrow.adatape.cli_args import add_adatape_command
 from burrow.config import TrainConfig, field_docs
 from burrow.errors import UserError
 from burrow.flags import (
@@ -174,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parallel_command(commands)
     _add_ff_command(commands)
     retro_commands = _add_retro_commands(commands)
+    adatape_commands = add_adatape_command(commands)
     # named in "required" errors
-    for verbs in (commands, data_commands, tokenizer_commands, retro_commands):
+    for verbs in (commands, data_commands, tokenizer_commands, retro_commands,
+                  adatape_commands):
         verbs.metavar = "{" + ",".join(verbs.choices) + "}"
     return parser
 
@@ -441,6 +444,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from burrow.parallel.planner import commands as verbs
     elif args.command == "ff":
         from burrow.ff import commands as verbs
+    elif args.command == "adatape":
+        from burrow.adatape import commands as verbs
     else:
         from burrow import commands as verbs
 
@@ -454,6 +459,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "fit": ("fit_command", "format_fit"),
         "plan-parallel": ("plan_parallel_command", "format_plan_parallel"),
         "ff": ("ff_command", "format_ff"),
+        "adatape": ("parity_command", "format_parity"),
     }
     if args.command in reports:
         run, formatter = (getattr(verbs, name) for name in reports[args.command])

@@ -5,6 +5,7 @@ themselves and raise `UserError` naming the field and the fix; they round-trip t
 accept dotted overrides (`--set model.d_model=384`).
 """
 
+from burrow.config.adatape import AdaTapeConfig
 from burrow.config.fields import field_docs, override_dict
 from burrow.config.model import (
     BLOCK_KINDS,
@@ -27,6 +28,7 @@ __all__ = [
     "LOSS_KERNELS",
     "NORM_KINDS",
     "POSITION_KINDS",
+    "AdaTapeConfig",
     "DataConfig",
     "DistillConfig",
     "LayerSpec",

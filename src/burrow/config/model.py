@@ -1,5 +1,5 @@
-"""The shape of a model: ModelConfig, its Switch (MoEConfig) and RETRO (RetroConfig) sections and
-per-layer parts."""
+"""The shape of a model: ModelConfig, its Switch (MoEConfig), RETRO (RetroConfig) and AdaTape
+(config/adatape.py) sections and per-layer parts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from burrow import blocks
 from burrow.blocks import LayerSpec
+from burrow.config.adatape import AdaTapeConfig, check_adatape, encoder_params
 from burrow.config.fields import build_section, check_choice, check_positive
 from burrow.errors import UserError
 
@@ -195,6 +196,9 @@ class ModelConfig:
     layers: list[LayerSpec] | None = None
     # Retrieval (RETRO): chunked cross-attention to encoded neighbours; None = no retrieval.
     retro: RetroConfig | None = None
+    # AdaTape (Xue et al. 2023): tape tokens read from a bank appended to the input of a
+    # bidirectional encoder classifier (model/encoder.py); None = none. Encoder-only.
+    adatape: AdaTapeConfig | None = None
     # Output layer and loss: "chunked" (fused, in row chunks: model/loss.py), "plain" (logits,
     # then F.cross_entropy) or "auto" (chunked on a CPU, where it is measured faster; plain
     # elsewhere until measured there).
@@ -220,16 +224,24 @@ class ModelConfig:
 
     def layer_spec(self, layer: int) -> LayerSpec:
         """The parts of block `layer` (0-based): `layers[layer]` when given, else attention and
-        a dense MLP, Switch experts in the blocks moe.every makes sparse; with retro set, the
+        a dense MLP, Switch experts in the blocks moe.every makes sparse, AdaTape's "tape_mlp" for
+        the dense MLPs that see tape tokens (adatape.tape_ffn); with retro set, the
         retrieval layers get chunked cross-attention ("cca") after attention (RETRO §2.4:
         ATTN, CCA, FFW), unless their explicit spec already names it."""
         if self.layers is not None:
             spec = self.layers[layer]
         else:
-            spec = LayerSpec(ffn="switch" if self.moe.is_sparse(layer) else "mlp")
+            dense = "tape_mlp" if self.tape_ffn_from(layer) else "mlp"
+            spec = LayerSpec(ffn="switch" if self.moe.is_sparse(layer) else dense)
         if layer in self.retrieval_layers and "cca" not in spec.extras:
             spec = dataclasses.replace(spec, extras=(*spec.extras, "cca"))
         return spec
+
+    def tape_ffn_from(self, layer: int) -> bool:
+        """Whether block `layer`'s dense MLP becomes AdaTape's "tape_mlp": with adatape.tape_ffn,
+        in the blocks from the one before which the tape is read (earlier ones never see it)."""
+        tape = self.adatape
+        return tape is not None and tape.tape_ffn and layer >= tape.read_layer
 
     @property
     def retrieval_layers(self) -> list[int]:
@@ -297,6 +309,7 @@ class ModelConfig:
             self.moe = build_section(MoEConfig, self.moe, "model.moe")
         self.moe.validate()
         self._validate_retro()
+        self._validate_adatape()
         self._validate_layers()
         if self.moe.enabled and not self.sparse_layers:
             raise UserError(f"model.moe.every={self.moe.every} leaves none of the "
@@ -324,6 +337,13 @@ class ModelConfig:
         if self.positions != "relative" and self.head_size % 2:
             raise UserError("chunked cross-attention uses rotary positions, which need an even "
                             f"model.head_dim, got {self.head_size}")
+
+    def _validate_adatape(self) -> None:
+        if isinstance(self.adatape, dict):  # built from YAML or a dict
+            self.adatape = build_section(AdaTapeConfig, self.adatape, "model.adatape")
+        if self.adatape is not None:
+            self.adatape.validate()
+            check_adatape(self)
 
     def _validate_layers(self) -> None:
         if self.layers is None:
@@ -358,8 +378,13 @@ class ModelConfig:
         With `embeddings=False`, the token embedding, the untied output head and learned
         position tables are left out (Kaplan et al.'s non-embedding parameters). With
         `active=True`, a sparse layer counts its router and the top_k experts a token goes
-        through, not all of them: the parameters each token is multiplied by.
+        through, not all of them: the parameters each token is multiplied by. With adatape
+        set the model is an EncoderClassifier (model/encoder.py): its count without the
+        classification head, whose width the config does not know (config/adatape.py,
+        encoder_params, counts it too).
         """
+        if self.adatape is not None:
+            return encoder_params(self, embeddings=embeddings, active=active)
         total = blocks.norm_params(self)  # the final norm
         total += sum(blocks.block_params(self, layer, active) for layer in range(self.n_layers))
         if embeddings:

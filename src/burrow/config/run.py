@@ -298,8 +298,9 @@ class RunConfig:
             del raw["distill"]
         if raw["retro_fit"] is None:
             del raw["retro_fit"]
-        if raw["model"]["retro"] is None:  # no retrieval: no section to show
-            del raw["model"]["retro"]
+        for section in ("retro", "adatape"):  # no retrieval, no tape: no section to show
+            if raw["model"][section] is None:
+                del raw["model"][section]
         if self.model.layers is None:  # derived from the other fields: nothing to show
             del raw["model"]["layers"]
         else:

@@ -1,4 +1,5 @@
-"""Causal self-attention, the token mixer of every block (registered as mixer "attention").
+"""Self-attention, the token mixer of every block (registered as mixer "attention"): causal in
+a language model, bidirectional in an encoder (ForwardContext.causal).
 
 Shapes: B batch, T query length, S key length, H query heads, K key/value heads, D head width.
 """
@@ -27,7 +28,7 @@ def project(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with MHA, GQA or MQA (PaLM: one shared key/value head).
+    """Multi-head attention with MHA, GQA or MQA (PaLM: one shared key/value head).
 
     softmax(q k^T / sqrt(D) + mask) v per head (Vaswani et al. 2017), through torch's fused
     scaled_dot_product_attention; keys and values are shared by groups of H / K query heads.
@@ -64,7 +65,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *ctx.rotary), apply_rotary(k, *ctx.rotary)
         if ctx.cache is not None:  # (B, K, S, D): the cached keys and values, these included
             k, v = ctx.cache.update(self.layer, ctx.start, k, v)
-        mask, causal = ctx.visible, ctx.cache is None
+        mask, causal = ctx.visible, ctx.cache is None and ctx.causal
         if self.relative is not None:  # Transformer-XL: (q + u) k^T + (q + v) W_R r
             mask, causal = self.relative(q, ctx.positions, k.shape[2]), False
             q = q + self.relative.u

@@ -37,8 +37,13 @@ class ForwardContext:
     start: how many tokens the cache already holds; a 0-dim tensor in a compiled decode step.
     rotary: RoPE's (cos, signed sin) tables for `positions`, each (T, D), or None.
     cache: the KV cache of a generation (infer/cache.py), or None in training.
-    visible (T, S): which cached keys each query may attend to; None where attention is
-        simply causal or sees every key.
+    visible (T, S): which cached keys each query may attend to; or (B, 1, 1, S), which keys
+        every query of a sequence may attend to (AdaTape's tape lengths, model/encoder.py);
+        None where attention is simply causal or sees every key.
+    causal: whether a query attends to the keys before it only (a language model) or to all
+        of them (an encoder: AdaTape's, a Universal Transformer).
+    tape_start: where AdaTape's tape tokens begin in the sequence (model/adatape.py), set by
+        the encoder once it has read them; None before, and in a model without a tape.
     statistics: whether parts should compute the statistics they report; off when decoding,
         which has no use for them.
     neighbours (B, C, k, r): RETRO's retrieved token ids, k neighbours of r tokens for each of
@@ -60,8 +65,10 @@ class ForwardContext:
                  rotary: tuple[torch.Tensor, torch.Tensor] | None = None, cache: Any = None,
                  visible: torch.Tensor | None = None, statistics: bool = True,
                  neighbours: torch.Tensor | None = None, embed: nn.Module | None = None,
-                 retro_cache: Any = None):
+                 retro_cache: Any = None, causal: bool = True):
         self.positions, self.start, self.rotary = positions, start, rotary
+        self.causal = causal
+        self.tape_start: int | None = None
         self.cache, self.visible, self.statistics = cache, visible, statistics
         self.neighbours, self.embed, self.retro_cache = neighbours, embed, retro_cache
         self.encoded_neighbours: torch.Tensor | None = None

@@ -57,6 +57,12 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
+        if cfg.adatape is not None:
+            # A tape read by a query over the whole input would carry each position's future
+            # into its prediction: AdaTape is built on a bidirectional encoder here.
+            raise UserError("AdaTape is encoder-only in burrow: a language model's tape would "
+                            "leak each position's future; build burrow.model.encoder."
+                            "EncoderClassifier, or unset model.adatape")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
