@@ -297,3 +297,25 @@ def test_a_tiny_encoder_learns_a_trivial_task(extra):
         assert any(p.grad.abs().sum() > 0 for p in tape_mlp.parameters())
     else:
         assert out.tape_lengths is None
+
+
+def test_a_whole_input_is_one_token_and_the_bank_still_has_one_entry_per_element():
+    """AdaTapeParity's input: the sequence's one-hot vectors through one linear map, one token;
+    the tape still reads from a bank of the T elements."""
+    torch.manual_seed(0)
+    cfg = tiny(bank="input")
+    whole = EncoderClassifier(cfg, 2, whole_input=8)
+    assert whole.embed.weight.shape == (cfg.d_model, 8 * cfg.vocab_size)
+    ids = torch.randint(0, cfg.vocab_size, (4, 8))
+    # the embedding is the one-hot matmul: column block t, row ids[t], summed over t
+    expected = whole.embed.bias + sum(whole.embed.weight[:, t * cfg.vocab_size + ids[:, t]].T
+                                      for t in range(8))
+    torch.testing.assert_close(whole.embed_inputs(ids)[:, 0], expected)
+    out = whole(ids, torch.zeros(4, dtype=torch.long))
+    assert out.logits.shape == (4, 2) and out.tape_lengths.shape == (4,)
+    out.loss.backward()
+    assert whole.embed.weight.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="whole sequences of 8 tokens, got 7"):
+        whole(ids[:, :7])
+    with pytest.raises(UserError, match="whole_input"):
+        EncoderClassifier(cfg, 2, whole_input=0)

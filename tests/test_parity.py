@@ -122,6 +122,18 @@ def test_a_tiny_comparison_through_the_command_line(tmp_path, capsys):
     assert "parameters: adatape" in captured.err
 
 
+def test_whole_inputs_are_one_token_for_adatape_and_the_transformer(tmp_path, capsys):
+    argv = ["adatape", "parity", *TINY, "--input", "whole", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["input"] == "whole"
+    # Two positions (class token, input) besides the tape: less attention than length + 1.
+    cfg = ParityConfig(length=6, input="whole")
+    assert [cfg.positions(name) for name in ("adatape", "transformer",
+                                             "universal_transformer")] == [2, 2, 7]
+    assert 1 <= result["adatape"]["mean_tape_length"] <= 3
+
+
 def test_the_table_names_each_model(tmp_path, capsys):
     argv = ["adatape", "parity", *TINY, "--models", "transformer,universal_transformer",
             "--out", str(tmp_path)]
@@ -146,6 +158,7 @@ def test_the_table_names_each_model(tmp_path, capsys):
     (["--bank", "learnable", "--bank-size", "3", "--top-k", "5"], "bank_size"),
     (["--d-model", "18", "--heads", "4"], "--d-model"),
     (["--warmup-steps", "10", "--steps", "5"], "--warmup-steps"),
+    (["--input", "pixels"], "--input"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path, capsys):
     try:

@@ -2,6 +2,7 @@
 Korthikanti et al.'s formula, the cached JSON and its refusal elsewhere, a plan from measured
 inputs, planning from the cache without torch, and collectives timed over two processes."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -98,8 +99,17 @@ def made_profile(seq_len: int = 32) -> tuple[Profile, str]:
     return Profile(machine(), "fp32", 8e9, 1, collectives, {key: entry}), key
 
 
-def test_profile_round_trip_and_refusal_of_another_machine(tmp_path, quick):
-    profile, key = made_profile()
+@pytest.fixture(scope="module")
+def tiny_profile() -> tuple[Profile, str]:
+    """made_profile() measured once for the tests below (each takes its own copy)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(profiling, "RUN_SECONDS", 1e-4)
+        patch.setattr(profiling, "RUNS", 1)
+        return made_profile()
+
+
+def test_profile_round_trip_and_refusal_of_another_machine(tmp_path, tiny_profile):
+    profile, key = copy.deepcopy(tiny_profile)
     path = tmp_path / "profile.json"
     profile.save(path)
     again = read_cached(path)
@@ -115,8 +125,8 @@ def test_profile_round_trip_and_refusal_of_another_machine(tmp_path, quick):
         read_cached(path)
 
 
-def test_measured_inputs_drive_the_cost_model_and_plan_a_tiny_model(quick):
-    profile, key = made_profile()
+def test_measured_inputs_drive_the_cost_model_and_plan_a_tiny_model(tiny_profile):
+    profile, key = copy.deepcopy(tiny_profile)
     inputs = profile.cost_inputs(key, 2)
     assert inputs.memory_bytes == 4e9  # a CPU's RAM, shared by the processes
     block = inputs.measured.layer("block", 2)
@@ -132,7 +142,8 @@ def test_measured_inputs_drive_the_cost_model_and_plan_a_tiny_model(quick):
     assert result.best.world_size == 2
 
 
-def test_plan_parallel_reads_a_cached_profile_without_torch(tmp_path, quick, monkeypatch):
+def test_plan_parallel_reads_a_cached_profile_without_torch(tmp_path, quick, tiny_profile,
+                                                           monkeypatch):
     """Planning from the cache is arithmetic: the measuring code (torch) is not imported."""
     from burrow import presets
 
@@ -140,7 +151,7 @@ def test_plan_parallel_reads_a_cached_profile_without_torch(tmp_path, quick, mon
     cfg = dataclasses.replace(presets.get("micro"))
     entry = profiling.measure_model(dataclasses.replace(cfg, vocab_size=128, max_seq_len=32),
                                     32, 2, CPU, progress=lambda line: None)
-    profile, _ = made_profile()
+    profile, _ = copy.deepcopy(tiny_profile)
     profile.models = {model_key(cfg, 32): {**entry, "peak_flops": 1e10}}
     profile.save(profile_path())
     code = ("import sys\nfrom burrow.cli import main\nstatus = main(sys.argv[1:])\n"

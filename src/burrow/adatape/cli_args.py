@@ -26,6 +26,9 @@ def add_adatape_command(commands: argparse._SubParsersAction) -> argparse._SubPa
     task.add_argument("--sampling", choices=("uniform", "graves"), default=DEFAULTS.sampling,
                       help="uniform: every element -1, 0 or +1 with equal odds (scenic); "
                       "graves: 1 to length non-zeros (Graves 2016 §3.1); default uniform")
+    task.add_argument("--input", choices=("tokens", "whole"), default=DEFAULTS.input,
+                      help="tokens: a position per element; whole: the sequence as one "
+                      "embedded token, as scenic's parity model (not the UT's); default tokens")
     task.add_argument("--eval-size", type=POSITIVE_INT, default=DEFAULTS.eval_size,
                       help=f"held-out sequences; default {DEFAULTS.eval_size}")
     train = parity.add_argument_group("training (each model on the same stream)")

@@ -21,7 +21,8 @@ def parse_models(text: str) -> list[str]:
 
 def config_from_args(args: argparse.Namespace) -> ParityConfig:
     """The ParityConfig the flags describe, checked before anything is built."""
-    return ParityConfig(length=args.length, sampling=args.sampling, eval_size=args.eval_size,
+    return ParityConfig(length=args.length, sampling=args.sampling, input=args.input,
+                        eval_size=args.eval_size,
                         models=parse_models(args.models), steps=args.steps,
                         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                         eval_every=args.eval_every, seed=args.seed, device=args.device,

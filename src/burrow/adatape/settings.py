@@ -23,6 +23,10 @@ class ParityConfig:
 
     length: int = 32  # scenic: seq_len 32
     sampling: str = "uniform"  # scenic: each element uniform over (+1, 0, -1)
+    # "tokens": a position per element; "whole": the sequence embedded as one token, as
+    # scenic's AdaTapeParity does (AdaTape and the Transformer; the UT halts per position and
+    # keeps its tokens)
+    input: str = "tokens"
     eval_size: int = 2048  # scenic: 6,400 (num_train_examples // 10); fewer, for two cores
     models: list[str] = field(default_factory=lambda: list(MODELS))
     steps: int = 3000
@@ -47,6 +51,11 @@ class ParityConfig:
     d_model: int = 64
     n_layers: int = 4
     n_heads: int = 4
+
+    def positions(self, name: str) -> int:
+        """The positions model `name` reads besides its tape: the class token and the input."""
+        whole = self.input == "whole" and name != "universal_transformer"
+        return 1 + (1 if whole else self.length)
 
     @property
     def warmup(self) -> int:
@@ -76,6 +85,8 @@ class ParityConfig:
         """self, or UserError naming the fix."""
         if self.length < 1:
             raise UserError(f"--length must be at least 1, got {self.length}")
+        if self.input not in ("tokens", "whole"):
+            raise UserError(f"unknown --input {self.input!r}; choose tokens or whole")
         if self.sampling not in ("uniform", "graves"):
             raise UserError(f"unknown --sampling {self.sampling!r}; choose uniform or graves")
         unknown = [name for name in self.models if name not in MODELS]

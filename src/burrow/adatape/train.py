@@ -68,7 +68,8 @@ def build(name: str, cfg: ParityConfig, d_model: int) -> nn.Module:
         shape = dataclasses.replace(model_config(cfg, d_model, False), n_layers=1)
         return UniversalTransformer(shape, num_classes=2, max_steps=cfg.ut_max_steps,
                                     ponder_cost=cfg.ponder_cost, epsilon=cfg.act_epsilon)
-    return EncoderClassifier(model_config(cfg, d_model, name == "adatape"), num_classes=2)
+    return EncoderClassifier(model_config(cfg, d_model, name == "adatape"), num_classes=2,
+                             whole_input=cfg.length if cfg.input == "whole" else None)
 
 
 def count_params(module: nn.Module) -> int:
@@ -131,15 +132,16 @@ def forward_flops(name: str, model: nn.Module, cfg: ParityConfig,
     length, the Universal Transformer at its measured mean ponder steps."""
     shape = model.cfg
     head = 2 * shape.d_model * 2
+    S = cfg.positions(name)
     if name == "universal_transformer":
-        S = cfg.length + 1
         step = S * (flops_per_token(shape, S, embeddings=False, training=False)
                     + 2 * shape.d_model)  # + the halting unit
         return evaluation.ponder_steps * step + head
+    # a whole input's embedding is a matmul of its T one-hot vectors: 2 FLOPs per weight
+    embed = 2 * model.embed.weight.numel() if cfg.input == "whole" else 0
     if name == "transformer":
-        S = cfg.length + 1
-        return S * flops_per_token(shape, S, embeddings=False, training=False) + head
-    return adatape_flops(model, cfg, evaluation.tape_lengths) + head
+        return S * flops_per_token(shape, S, embeddings=False, training=False) + head + embed
+    return adatape_flops(model, cfg, evaluation.tape_lengths) + head + embed
 
 
 def adatape_flops(model: nn.Module, cfg: ParityConfig, tape_lengths: torch.Tensor) -> float:
@@ -152,8 +154,9 @@ def adatape_flops(model: nn.Module, cfg: ParityConfig, tape_lengths: torch.Tenso
     plain = dataclasses.replace(shape, adatape=None)
     entries = cfg.length if tape.bank == "input" else tape.bank_size
     reading = 2 * entries * shape.head_size + 2 * tape.top_k * shape.d_model
-    totals = [(cfg.length + 1 + length) * flops_per_token(plain, cfg.length + 1 + length,
-                                                          embeddings=False, training=False)
+    S = cfg.positions("adatape")
+    totals = [(S + length) * flops_per_token(plain, S + length, embeddings=False,
+                                             training=False)
               + length * reading for length in tape_lengths.tolist()]
     return sum(totals) / len(totals)
 

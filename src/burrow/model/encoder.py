@@ -48,13 +48,20 @@ class EncoderClassifier(nn.Module):
     """A sequence classifier: token ids (B, T) -> logits over num_classes (B, C).
 
     Positions: "learned" (a table of cfg.max_seq_len rows; the CLS takes position 0, so T + 1
-    <= max_seq_len) or "rope". Tape tokens get no learned position: the reference appends them
+    <= max_seq_len) or "rope".
+
+    `whole_input=T` embeds each sequence of exactly T tokens as one token instead of T: a linear
+    map of its T one-hot vectors, as the reference's parity model does (AdaTapeParity:
+    `Dense(hidden)` of the flattened one-hot input), so that the encoder reads [CLS, x] and,
+    with AdaTape, the tape; the input-driven bank still has an entry per input token.
+
+    Tape tokens get no learned position: the reference appends them
     after the position embeddings were added (before block 1, in its ImageNet config); under
     rope they all sit at one position past the last input, so that no tape token is nearer to
     another or to an input than the rest, as without positions.
     """
 
-    def __init__(self, cfg: ModelConfig, num_classes: int):
+    def __init__(self, cfg: ModelConfig, num_classes: int, *, whole_input: int | None = None):
         super().__init__()
         cfg.validate()
         if cfg.positions == "relative":
@@ -64,9 +71,12 @@ class EncoderClassifier(nn.Module):
             raise UserError("the encoder classifier does not retrieve: unset model.retro")
         if num_classes < 1:
             raise UserError(f"an encoder classifier needs at least one class, got {num_classes}")
-        self.cfg = cfg
+        if whole_input is not None and whole_input < 1:
+            raise UserError(f"whole_input must be a sequence length >= 1, got {whole_input}")
+        self.cfg, self.whole_input = cfg, whole_input
         d = cfg.d_model
-        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.embed = (nn.Embedding(cfg.vocab_size, d) if whole_input is None
+                      else nn.Linear(whole_input * cfg.vocab_size, d))
         self.pos_embed = nn.Embedding(cfg.max_seq_len, d) if cfg.positions == "learned" else None
         self.cls = nn.Parameter(torch.zeros(1, 1, d))
         self.drop = make_dropout(cfg.dropout)
@@ -82,7 +92,10 @@ class EncoderClassifier(nn.Module):
         part and the tape reader by its own init_weights; the CLS vector and the head zero, as
         the reference's (`cls`, `output_projection`), so that training starts at log C."""
         init = Init(self.cfg.init, self.cfg.n_layers)
-        init.embedding(self.embed)
+        if self.whole_input is None:
+            init.embedding(self.embed)
+        else:
+            init.linear(self.embed)
         if self.pos_embed is not None:
             init.embedding(self.pos_embed)
         nn.init.zeros_(self.cls)
@@ -99,13 +112,14 @@ class EncoderClassifier(nn.Module):
                 ) -> ClassifierOutput:
         """Logits for each sequence of input_ids (B, T); the loss when labels (B,) are given."""
         batch, length = input_ids.shape
-        if length >= self.cfg.max_seq_len:  # the CLS token takes a position too
+        x = self.embed_inputs(input_ids)  # (B, T, d), or (B, 1, d) for a whole input
+        if x.shape[1] >= self.cfg.max_seq_len:  # the CLS token takes a position too
             raise UserError(f"{length} tokens and the CLS token exceed the encoder's "
                             f"{self.cfg.max_seq_len} positions (model.max_seq_len); raise "
                             f"model.max_seq_len to at least {length + 1}")
-        positions = torch.arange(length + 1, device=input_ids.device)
+        positions = torch.arange(x.shape[1] + 1, device=input_ids.device)
         # The CLS token first: (B, 1 + T, d)
-        x = torch.cat([self.cls.expand(batch, -1, -1), self.embed(input_ids)], dim=1)
+        x = torch.cat([self.cls.expand(batch, -1, -1), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.drop(x)
@@ -124,6 +138,16 @@ class EncoderClassifier(nn.Module):
             terms = [term.value for term in ctx.aux if term.is_loss]
             loss = cross_entropy + sum(terms) if terms else cross_entropy
         return ClassifierOutput(logits, loss, cross_entropy, ctx.aux, tape_lengths)
+
+    def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, d): a vector per token; or (B, 1, d): one for the whole sequence."""
+        if self.whole_input is None:
+            return self.embed(input_ids)
+        if input_ids.shape[1] != self.whole_input:
+            raise UserError(f"this encoder reads whole sequences of {self.whole_input} tokens, "
+                            f"got {input_ids.shape[1]}; build it for that length")
+        one_hot = F.one_hot(input_ids, self.cfg.vocab_size).flatten(1)  # (B, T * V)
+        return self.embed(one_hot.to(self.embed.weight.dtype))[:, None]
 
     def append_tape(self, x: torch.Tensor, input_ids: torch.Tensor, ctx: ForwardContext
                     ) -> tuple[torch.Tensor, torch.Tensor]:
