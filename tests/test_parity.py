@@ -122,16 +122,17 @@ def test_a_tiny_comparison_through_the_command_line(tmp_path, capsys):
     assert "parameters: adatape" in captured.err
 
 
-def test_whole_inputs_are_one_token_for_adatape_and_the_transformer(tmp_path, capsys):
-    argv = ["adatape", "parity", *TINY, "--input", "whole", "--out", str(tmp_path), "--json"]
+def test_token_inputs_give_each_element_a_position(tmp_path, capsys):
+    argv = ["adatape", "parity", *TINY, "--input", "tokens", "--out", str(tmp_path), "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["config"]["input"] == "whole"
-    # Two positions (class token, input) besides the tape: less attention than length + 1.
-    cfg = ParityConfig(length=6, input="whole")
-    assert [cfg.positions(name) for name in ("adatape", "transformer",
-                                             "universal_transformer")] == [2, 2, 7]
+    assert result["config"]["input"] == "tokens"
     assert 1 <= result["adatape"]["mean_tape_length"] <= 3
+    # The class token and the input besides the tape: one token for a whole input (the
+    # default), a token per element otherwise; the UT always reads the elements.
+    assert [ParityConfig(length=6, input=kind).positions(name)
+            for kind in ("whole", "tokens")
+            for name in ("adatape", "transformer", "universal_transformer")] == [2, 2, 7, 7, 7, 7]
 
 
 def test_the_table_names_each_model(tmp_path, capsys):

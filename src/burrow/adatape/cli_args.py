@@ -28,7 +28,7 @@ def add_adatape_command(commands: argparse._SubParsersAction) -> argparse._SubPa
                       "graves: 1 to length non-zeros (Graves 2016 §3.1); default uniform")
     task.add_argument("--input", choices=("tokens", "whole"), default=DEFAULTS.input,
                       help="tokens: a position per element; whole: the sequence as one "
-                      "embedded token, as scenic's parity model (not the UT's); default tokens")
+                      "embedded token, as scenic's parity model (not the UT's); default whole")
     task.add_argument("--eval-size", type=POSITIVE_INT, default=DEFAULTS.eval_size,
                       help=f"held-out sequences; default {DEFAULTS.eval_size}")
     train = parity.add_argument_group("training (each model on the same stream)")
@@ -39,7 +39,7 @@ def add_adatape_command(commands: argparse._SubParsersAction) -> argparse._SubPa
     train.add_argument("--batch-size", type=POSITIVE_INT, default=DEFAULTS.batch_size,
                        help=f"default {DEFAULTS.batch_size}")
     train.add_argument("--lr", type=POSITIVE, default=DEFAULTS.lr,
-                       help=f"AdamW's peak learning rate; default {DEFAULTS.lr:g} (scenic)")
+                       help=f"AdamW's peak learning rate; default {DEFAULTS.lr:g}")
     train.add_argument("--warmup-steps", type=COUNT, default=None,
                        help="linear warmup, then cosine decay; default a tenth of --steps")
     train.add_argument("--eval-every", type=POSITIVE_INT, default=None,
