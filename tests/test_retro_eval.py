@@ -19,7 +19,7 @@ from burrow.data import TokenDataset, train_tokenizer
 from burrow.errors import UserError
 from burrow.eval import evaluate, split_text
 from burrow.eval.evaluate import token_nats
-from burrow.eval.retro import chunk_totals
+from burrow.eval.retro import chunk_totals, control_rows
 from burrow.retrieval.encoder import ENCODERS
 from burrow.run import load_run, prepared_data_of
 from burrow.train import train
@@ -80,6 +80,7 @@ def held_out(run: Path) -> TokenDataset:
 def test_the_report_has_both_bits_per_byte_and_the_filtered_curves(report):
     for key in ("loss", "perplexity", "bits_per_byte", "bits_per_byte_no_retrieval",
                 "gzip_bits_per_byte", "xz_bits_per_byte", "filtered", "filtered_no_retrieval",
+                "bits_per_byte_random_neighbours", "filtered_random_neighbours",
                 "retrieval", "baseline", "plot"):
         assert key in report
     assert list(report["filtered"]) == ["0", "0.125", "0.25", "0.5", "1"]
@@ -100,7 +101,8 @@ def test_alpha_one_is_the_plain_bits_per_byte(report):
 def test_chunk_counts_grow_with_alpha_and_the_baseline_sees_the_same_chunks(report):
     counts = [entry["chunks"] for entry in report["filtered"].values()]
     assert counts == sorted(counts) and counts[-1] > counts[0]
-    for other in (report["filtered_no_retrieval"], report["baseline"]["filtered"]):
+    for other in (report["filtered_no_retrieval"], report["filtered_random_neighbours"],
+                  report["baseline"]["filtered"]):
         assert [entry["chunks"] for entry in other.values()] == counts
 
 
@@ -114,10 +116,24 @@ def test_retrieval_on_and_off_match_evaluating_by_hand(report, runs, database): 
     on = evaluate(model, dataset, seq_len=cfg.train.seq_len,
                   inputs_more=lambda starts: retrieval.batch("val", starts, cfg.train.seq_len))
     assert report["bits_per_byte"] == pytest.approx(on["bits_per_byte"], rel=1e-5)
+    rows = control_rows(len(retrieval.ids["val"]))
+    control = evaluate(model, dataset, seq_len=cfg.train.seq_len, inputs_more=lambda starts:
+                       retrieval.batch("val", starts, cfg.train.seq_len, rows=rows))
+    assert report["bits_per_byte_random_neighbours"] == pytest.approx(control["bits_per_byte"],
+                                                                      rel=1e-5)
+    assert report["bits_per_byte_random_neighbours"] != report["bits_per_byte"]
     dense, _, dense_cfg = load_run(runs["dense"])
     baseline = evaluate(dense, dataset, seq_len=dense_cfg.train.seq_len)
     assert report["baseline"]["bits_per_byte"] == pytest.approx(baseline["bits_per_byte"],
                                                                 rel=1e-5)
+
+
+@pytest.mark.parametrize("num_chunks", [2, 3, 7, 2198])
+def test_the_control_reads_another_chunks_neighbours_for_every_chunk(num_chunks):
+    rows = control_rows(num_chunks)
+    assert sorted(rows.tolist()) == list(range(num_chunks))  # each row read once
+    assert not np.any(rows == np.arange(num_chunks))         # never the chunk's own
+    assert np.array_equal(rows, control_rows(num_chunks))    # seeded
 
 
 def test_token_nats_add_up_to_evaluate_and_chunk_bytes_to_the_text(runs):

@@ -86,7 +86,9 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
                             device=device, max_tokens=args.max_tokens, num_bytes=len(text),
                             baseline=None if baseline is None else baseline[1:])
     curves = {f"{Path(args.run).name} (RETRO, k={k})": result["filtered"],
-              f"{Path(args.run).name} without retrieval": result["filtered_no_retrieval"]}
+              f"{Path(args.run).name} without retrieval": result["filtered_no_retrieval"],
+              f"{Path(args.run).name} with other chunks' neighbours":
+                  result["filtered_random_neighbours"]}
     if baseline is not None:
         result["baseline"] = {"run": str(baseline[0]), **result["baseline"]}
         curves[f"{baseline[0].name} (baseline)"] = result["baseline"]["filtered"]

@@ -43,8 +43,10 @@ class Retrieval:
         self.ids = {split: open_neighbours(self.db, prepared, split) for split in splits}
 
     def neighbour_ids(self, split: str, starts: Sequence[int], seq_len: int,
-                      k: int | None = None) -> np.ndarray:
-        """(B, C, k) database ids of the neighbours of each window's chunks."""
+                      k: int | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+        """(B, C, k) database ids of the neighbours of each window's chunks; `rows` (one per
+        chunk of the split) reads chunk c's neighbours from row rows[c] of the table instead
+        (the evaluation's control with other chunks' neighbours)."""
         k = self.k if k is None else k
         table = self.ids[split]
         if k > table.shape[1]:
@@ -55,11 +57,13 @@ class Retrieval:
         chunks = starts[:, None] // self.chunk_size + np.arange(seq_len // self.chunk_size)
         # A window's last chunks may lie past the split's end (an evaluation's padded tail):
         # what they retrieve reaches only padded positions, so any stored row serves.
-        return np.asarray(table[np.minimum(chunks, len(table) - 1)][..., :k])
+        chunks = np.minimum(chunks, len(table) - 1)
+        return np.asarray(table[chunks if rows is None else rows[chunks]][..., :k])
 
     def batch(self, split: str, starts: Sequence[int], seq_len: int, k: int | None = None,
-              device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+              device: torch.device | str = "cpu", rows: np.ndarray | None = None
+              ) -> dict[str, torch.Tensor]:
         """The model's retrieval inputs for windows starting at `starts`: {"neighbours":
         (B, C, k, r) int64 token ids}."""
-        tokens = retrieved_tokens(self.db, self.neighbour_ids(split, starts, seq_len, k))
+        tokens = retrieved_tokens(self.db, self.neighbour_ids(split, starts, seq_len, k, rows))
         return {"neighbours": torch.from_numpy(tokens.astype(np.int64)).to(device)}
