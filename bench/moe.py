@@ -106,7 +106,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-tokens", type=int, default=8192,
                         help="tokens per optimizer step of each run")
     parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--schedule", default="cosine", choices=("cosine", "rsqrt", "constant"),
+    parser.add_argument("--schedule", default="cosine",
+                        choices=("cosine", "rsqrt", "warmup_rsqrt", "constant"),
                         help="learning-rate schedule of both runs after the warmup")
     parser.add_argument("--switch-steps", type=int, nargs="*", default=[],
                         help="quality: also train Switch runs of these lengths, each with its "

@@ -46,15 +46,25 @@ def test_constant_and_wsd_schedules():
     assert learning_rate(100, wsd) == pytest.approx(0.0)
 
 
-def test_rsqrt_schedule_is_t5s_and_ignores_the_run_length():
-    # T5 (Raffel et al. 2020, §3.1.2): 1 / sqrt(max(n, k)), here scaled so the peak is lr
+def test_rsqrt_schedule_is_t5s_exactly_and_ignores_the_run_length():
+    # T5 (Raffel et al. 2020, §3.1.2): 1 / sqrt(max(n, k)) with k = 10^4; no warmup, no floor
+    t5 = TrainConfig(max_steps=500_000, lr=1e-2, warmup_steps=10_000, schedule="rsqrt")
+    for n in (0, 1, 5_000, 10_000, 10_001, 40_000, 250_000, 500_000):
+        assert learning_rate(n, t5) == pytest.approx(1 / math.sqrt(max(n, 10_000)), rel=1e-12)
     short = TrainConfig(max_steps=500, lr=1e-2, warmup_steps=100, schedule="rsqrt")
     long = TrainConfig(max_steps=50_000, lr=1e-2, warmup_steps=100, schedule="rsqrt")
-    assert learning_rate(100, short) == pytest.approx(1e-2)
-    assert learning_rate(400, short) == pytest.approx(5e-3)  # sqrt(100 / 400) = 1/2
-    assert learning_rate(2500, long) == pytest.approx(2e-3)  # sqrt(100 / 2500) = 1/5
-    assert learning_rate(40_000, long) == pytest.approx(1e-3)  # floor: min_lr_ratio 0.1
+    assert learning_rate(0, short) == pytest.approx(1e-2)  # no linear warmup
+    assert learning_rate(40_000, long) == pytest.approx(5e-4)  # sqrt(100 / 40,000): no floor
     assert all(learning_rate(step, short) == learning_rate(step, long) for step in range(501))
+
+
+def test_warmup_rsqrt_warms_up_linearly_and_stops_at_the_floor():
+    cfg = TrainConfig(max_steps=50_000, lr=1e-2, warmup_steps=100, schedule="warmup_rsqrt",
+                      warmup_init_lr=0.0)
+    assert learning_rate(50, cfg) == pytest.approx(5e-3)  # halfway up the warmup
+    assert learning_rate(400, cfg) == pytest.approx(5e-3)  # sqrt(100 / 400) = 1/2
+    assert learning_rate(2500, cfg) == pytest.approx(2e-3)  # sqrt(100 / 2500) = 1/5
+    assert learning_rate(40_000, cfg) == pytest.approx(1e-3)  # floor: min_lr_ratio 0.1
 
 
 def test_schedule_steps_fix_the_schedule_whatever_max_steps():

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", help="model preset (see `burrow presets`); default nano")
     train.add_argument("--config", help="YAML run config (sections model, train, data; the "
                        "ones left out take their defaults)")
+    train.add_argument("--recipe", help="train as a paper did: gopher (the Table 1 row nearest "
+                       "the model's size), gopher-44m ... gopher-280b, chinchilla-70b, palm, "
+                       "switch (see `burrow presets --recipes`); scaled to the run's batch and "
+                       "steps, flags still win")
     train.add_argument("--data", help="stdlib, a text file, a directory, a .jsonl file, or a "
                        "prepared directory; default stdlib")
     _add_text_field(train, None, "the config's, else text")
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     presets = commands.add_parser("presets", help="the papers' models with parameter counts")
     presets.add_argument("--seq-len", type=POSITIVE_INT, default=None,
                          help="sequence length for FLOPs per token; default each model's context")
+    presets.add_argument("--recipes", action="store_true",
+                         help="the papers' training recipes instead of the models")
     presets.add_argument("--json", action="store_true", help="print one JSON object")
 
     data = commands.add_parser("data", help="data preparation")

@@ -63,7 +63,57 @@ def run_config_from_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     if getattr(args, "retro_db", None) is not None:
         cfg.data = dataclasses.replace(cfg.data,
                                        retro_db=str(Path(args.retro_db).expanduser().resolve()))
-    return _with_train_flags(cfg, args), out
+    cfg = _with_train_flags(cfg, args)
+    if getattr(args, "recipe", None):
+        if args.resume and saved.is_file():
+            raise UserError(f"--resume continues {out} with the recipe it was started with "
+                            f"({cfg.recipe or 'none'}); drop --recipe")
+        cfg = with_recipe(cfg, args)
+    return cfg, out
+
+
+def explicit_fields(args: argparse.Namespace) -> frozenset[str]:
+    """The TrainConfig fields given as flags or --set train.X, and the --set model.X keys (as
+    "model.X"): what a recipe leaves to the command line."""
+    given = {field.name for field in dataclasses.fields(TrainConfig)
+             if getattr(args, f"train_{field.name}", None) is not None}
+    for item in args.set:
+        key = item.partition("=")[0].strip()
+        if key.startswith("train."):
+            given.add(key.removeprefix("train."))
+        elif key.startswith("model."):
+            given.add(key)
+    return frozenset(given)
+
+
+def with_recipe(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """`cfg` with the paper's recipe --recipe names, scaled to the run (burrow/recipes.py);
+    what it scaled goes to stderr."""
+    from burrow import recipes
+
+    recipe = recipes.get(args.recipe, cfg.model.num_params())
+    train = cfg.train
+    granularity = train.micro_batch_size * train.seq_len
+    scaled = recipes.scale(recipe, batch_tokens=train.batch_tokens, max_steps=train.max_steps,
+                           granularity=granularity, keep=explicit_fields(args),
+                           device_type=_device_type(train.device))
+    raw = cfg.to_dict()
+    raw["train"].update(scaled.train)
+    result = RunConfig.from_dict(raw)
+    result.model = recipes.apply_model_fields(result.model, scaled.model)
+    result.recipe = recipe.name
+    result.validate()
+    for line in scaled.lines:
+        print(f"burrow: {line}", file=sys.stderr)
+    return result
+
+
+def _device_type(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
 
 
 def check_places(run_dir: Path, fix: str) -> None:
@@ -150,6 +200,10 @@ def distill_command(args: argparse.Namespace) -> int:
 
 
 def presets_command(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "recipes", False):
+        from burrow import recipes
+
+        return {"recipes": recipes.table_rows()}
     return {"presets": presets.table_rows(seq_len=args.seq_len)}
 
 
@@ -162,6 +216,8 @@ def _short_source(source: str) -> str:
 def format_presets(result: dict[str, Any]) -> str:
     from burrow.units import format_count
 
+    if "recipes" in result:
+        return format_recipes(result["recipes"])
     header = (f"{'name':<16} {'params':>9} {'active':>9} {'non-emb':>9} {'FLOPs/token':>12} "
               f"{'published':>10}  source")
     lines = [header, "-" * len(header)]
@@ -172,6 +228,20 @@ def format_presets(result: dict[str, Any]) -> str:
                      f"{format_count(row['non_embedding_params']):>9} "
                      f"{row['flops_per_token']:>12.3g} {published:>10}"
                      f"  {_short_source(row.get('source') or '')}")
+    return "\n".join(lines)
+
+
+def format_recipes(rows: list[dict[str, Any]]) -> str:
+    header = (f"{'recipe':<15} {'optimizer':<9} {'lr':>8} {'schedule':<8} {'warmup':>7} "
+              f"{'decay':>6} {'clip':>5} {'batch (tokens)':<26} {'steps':>9}  source")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['name']:<15} {row['optimizer']:<9} {row['lr']:>8.2g} "
+                     f"{row['schedule']:<8} {row['warmup_steps']:>7,} {row['weight_decay']:>6} "
+                     f"{row['grad_clip']:>5g} {row['batch']:<26} {row['steps']:>9,}  "
+                     f"{row['source'].split(' (')[0]}")
+    lines.append("applied with `burrow train --recipe NAME`: rates kept, steps and batches "
+                 "scaled to the run (docs/recipes.md)")
     return "\n".join(lines)
 
 

@@ -35,8 +35,10 @@ class TrainConfig:
     warmup_steps: int = 100
     # Learning rate at step 0 (Gopher: 1e-7).
     warmup_init_lr: float = 1e-7
-    # Schedule after warmup: "cosine" (Gopher), "constant", "wsd" (warmup-stable-decay) or
-    # "rsqrt" (T5's inverse square root, which needs no end).
+    # Schedule after warmup: "cosine" (Gopher), "constant", "wsd" (warmup-stable-decay),
+    # "rsqrt" (T5's inverse square root exactly: lr * sqrt(k / max(step, k)), k = warmup_steps,
+    # no linear warmup, no floor; lr 1e-2 and k 10,000 are T5's and PaLM's) or "warmup_rsqrt"
+    # (a linear warmup to lr, then lr * sqrt(warmup_steps / step), not below the floor).
     schedule: str = "cosine"
     # Fraction of the steps spent in the final linear decay of the "wsd" schedule.
     decay_fraction: float = 0.2
@@ -46,12 +48,20 @@ class TrainConfig:
     # Steps the "cosine" and "wsd" schedules span, then the floor; 0 = max_steps. Fixed, a run
     # resumed with a larger max_steps keeps the rates of the run it continues.
     schedule_steps: int = 0
-    # AdamW weight decay on matrices (Gopher's Adam = AdamW with 0).
+    # "adamw" (Gopher's Adam is AdamW with weight_decay 0; Chinchilla) or "adafactor" (PaLM's:
+    # not factored, with momentum beta1 and parameter scaling; train/adafactor.py).
+    optimizer: str = "adamw"
+    # Weight decay on matrices: each step multiplies them by 1 - lr * weight_decay.
     weight_decay: float = 0.1
-    # AdamW beta1.
+    # p > 0: weight decay follows the rate, each step multiplying matrices by 1 - lr^p in place
+    # of weight_decay (PaLM §5: "dynamic weight decay of lr^2.0", p = 2); 0 = off.
+    weight_decay_lr_power: float = 0.0
+    # beta1 (AdamW; Adafactor's momentum, 0 = none).
     beta1: float = 0.9
     # AdamW beta2.
     beta2: float = 0.95
+    # Adafactor's second-moment decay: beta2 at step t (1-based) = 1 - t^-beta2_decay (PaLM: 0.8).
+    beta2_decay: float = 0.8
     # AdamW epsilon.
     eps: float = 1e-8
     # Clip the global gradient norm to this value; 0 = off.
@@ -120,12 +130,15 @@ class TrainConfig:
                      "expert_parallel", "tensor_parallel", "pipeline_parallel"):
             check_positive(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "grad_clip",
-                     "weight_decay", "eval_tokens", "spike_factor", "spike_rollback",
-                     "spike_skip", "decay_steps", "schedule_steps", "data_parallel_replicate",
-                     "data_parallel_shard", "pipeline_microbatches"):
+                     "weight_decay", "weight_decay_lr_power", "eval_tokens", "spike_factor",
+                     "spike_rollback", "spike_skip", "decay_steps", "schedule_steps",
+                     "data_parallel_replicate", "data_parallel_shard", "pipeline_microbatches"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        check_choice(self.schedule, ("cosine", "constant", "wsd", "rsqrt"), "train.schedule")
+        check_choice(self.schedule, ("cosine", "constant", "wsd", "rsqrt", "warmup_rsqrt"),
+                     "train.schedule")
+        check_choice(self.optimizer, ("adamw", "adafactor"), "train.optimizer")
+        check_positive(self.beta2_decay, "train.beta2_decay")
         check_choice(self.precision, ("auto", "fp32", "bf16"), "train.precision")
         check_choice(self.parallel, ("none", "ddp", "fsdp"), "train.parallel")
         check_choice(self.pipeline_schedule, ("1f1b", "gpipe"), "train.pipeline_schedule")
@@ -253,6 +266,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     # Name of the preset the model came from, for the record.
     preset: str | None = None
+    # Name of the paper's recipe the run was set up with (`--recipe`, burrow/recipes.py), for
+    # the record: its values are in the train and model sections.
+    recipe: str | None = None
     # Set in runs made by `burrow distill`: the teacher and the weights of the loss.
     distill: DistillConfig | None = None
     # Set in runs made by `burrow train --retro-fit RUN`: the trained run whose weights the
@@ -314,12 +330,12 @@ class RunConfig:
                  for name, kind in (("model", ModelConfig), ("train", TrainConfig),
                                     ("data", DataConfig))}
         preset, distill = raw.pop("preset", None), raw.pop("distill", None)
-        retro_fit = raw.pop("retro_fit", None)
+        retro_fit, recipe = raw.pop("retro_fit", None), raw.pop("recipe", None)
         if raw:
             raise UserError(f"unknown config section(s): {', '.join(sorted(raw))}")
         if distill is not None:
             distill = build_section(DistillConfig, distill, "distill")
-        cfg = cls(preset=preset, distill=distill, retro_fit=retro_fit, **parts)
+        cfg = cls(preset=preset, distill=distill, retro_fit=retro_fit, recipe=recipe, **parts)
         cfg.validate()
         return cfg
 

@@ -60,7 +60,7 @@ from burrow.train.metrics import (
     setup_line,
     train_report,
 )
-from burrow.train.optim import build_optimizer, learning_rate
+from burrow.train.optim import apply_schedule, build_optimizer
 from burrow.train.rundata import load_run_data
 from burrow.train.rundir import (
     check_resume,
@@ -206,9 +206,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimiser step: loss, cross-entropy, grad norm."""
-        lr = learning_rate(self.step, self.cfg.train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_schedule(self.optimizer, self.step, self.cfg.train)
         losses = self.forward_backward()
         grad_norm = self.clip_gradients(
             self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf)
