@@ -142,7 +142,7 @@ def test_scaling_keeps_fractions_of_the_run_and_multiples_of_the_batch():
     palm = recipes.get("palm")
     scaled = recipes.scale(palm, batch_tokens=4096, max_steps=2550, granularity=4096)
     assert scaled.train["warmup_steps"] == 100  # 10,000 of 255,000 steps = 100 of 2,550
-    assert scaled.train["batch_ramp"] == "0:4096,500:8192,1150:16384"
+    assert scaled.train["batch_ramp"] == "500:8192,1150:16384"
     assert scaled.train["lr"] == 1e-2 and scaled.model["z_loss"] == 1e-4
     kept = recipes.scale(palm, batch_tokens=4096, max_steps=2550, granularity=4096,
                          keep=frozenset({"lr", "model.z_loss"}))

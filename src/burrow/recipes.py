@@ -179,7 +179,7 @@ def scale(recipe: Recipe, *, batch_tokens: int, max_steps: int, granularity: int
         lines.append(f"  warmup {paper:,} of the paper's {recipe.steps:,} steps -> "
                      f"{train['warmup_steps']:,} of {max_steps:,}")
     if recipe.ramp and "batch_ramp" not in keep:
-        stages = [f"0:{batch_tokens}"]
+        stages = []  # the batch before the first change is batch_tokens
         for step, multiple in recipe.ramp:
             tokens = batch_tokens * multiple
             tokens -= tokens % granularity

@@ -4,6 +4,7 @@ whole run (RunConfig, saved as config.yaml)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ class TrainConfig:
     max_steps: int = 1000
     # Tokens per optimiser step (batch_size * seq_len * accumulation * world size).
     batch_tokens: int = 8192
+    # Batch ramp (PaLM §5): "STEP:TOKENS,..." = TOKENS tokens per step from optimiser step STEP
+    # (0-based) on; batch_tokens before the first STEP; "" = batch_tokens throughout.
+    batch_ramp: str = ""
     # Sequences per forward pass; gradient accumulation fills batch_tokens.
     micro_batch_size: int = 16
     # Tokens per training sequence; at most model.max_seq_len.
@@ -144,6 +148,7 @@ class TrainConfig:
         check_choice(self.pipeline_schedule, ("1f1b", "gpipe"), "train.pipeline_schedule")
         self.checkpointed(None)
         self.pipeline_stages(None)
+        self.batch_changes()
         if self.spike_factor and self.spike_factor <= 1.0:
             raise UserError(f"train.spike_factor must be above 1 (or 0 = off), got "
                             f"{self.spike_factor}")
@@ -171,6 +176,31 @@ class TrainConfig:
                             f"has blocks 0 to {n_layers - 1}")
         return layers
 
+    def batch_changes(self) -> list[tuple[int, int]]:
+        """(first step, tokens per step) of each entry of batch_ramp, in order; UserError for a
+        ramp that is misspelt, starts at step 0 (that batch is batch_tokens) or goes back in
+        steps. Whole micro-batches are checked by train/batches.py, which knows the ranks."""
+        spec = self.batch_ramp.replace(" ", "")
+        if not spec:
+            return []
+        entries = spec.split(",")
+        if not all(re.fullmatch(r"[0-9]+:[0-9]+", entry) for entry in entries):
+            raise UserError(f"train.batch_ramp={self.batch_ramp!r} is not a list of STEP:TOKENS "
+                            "such as 50000:2097152,115000:4194304")
+        changes = [tuple(map(int, entry.split(":"))) for entry in entries]
+        previous = None
+        for step, tokens in changes:
+            if previous is not None and step <= previous:
+                raise UserError(f"train.batch_ramp={self.batch_ramp!r}: step {step} comes after "
+                                f"step {previous}; list the steps in increasing order, each once")
+            if step == 0:
+                raise UserError(f"train.batch_ramp={self.batch_ramp!r} starts at step 0, whose "
+                                "batch is train.batch_tokens; set --batch-tokens instead")
+            if tokens == 0:
+                raise UserError(f"train.batch_ramp={self.batch_ramp!r}: the batch from step "
+                                f"{step} has 0 tokens; give a positive number")
+            previous = step
+        return changes
 
     def pipeline_stages(self, n_layers: int | None) -> list[int]:
         """Blocks per pipeline stage of a model with `n_layers` (None: only check the

@@ -68,7 +68,9 @@ def check_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
     train, model = cfg.train, cfg.model
     why = pipeline_refusal(model, dims.tp) or (
         "distillation: the teacher's logits would need the whole model"
-        if cfg.distill is not None else "retro-fitting" if cfg.retro_fit is not None else None)
+        if cfg.distill is not None else "retro-fitting" if cfg.retro_fit is not None else
+        "a batch ramp: the schedule's micro-batches are fixed when it is built"
+        if train.batch_ramp.strip() else None)
     if why:
         raise UserError(f"train.pipeline_parallel={dims.pp} with {why}; or drop "
                         "--pipeline-parallel")

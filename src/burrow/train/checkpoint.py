@@ -6,7 +6,8 @@ A checkpoint is the directory `checkpoints/step_N/` holding either
 or, under FSDP2, the same two as sharded torch.distributed.checkpoint directories
     model/  optimizer/  (every rank writes its shard)
 and in both cases
-    trainer.pt          step, loader state, RNG states: what the loop needs to continue exactly.
+    trainer.pt          step, tokens trained on, loader state, RNG states: what the loop needs
+                        to continue exactly.
 Both kinds load into any number of processes: a run saved by N processes resumes with M or 1.
 Experts split over ranks (parallel/expert.py) are gathered before saving and sliced when
 loading, so the files always hold every expert, whatever the expert-parallel degree.

@@ -115,10 +115,11 @@ class AuxMeter:
 
 
 def setup_line(cfg: Any, dims: Any, device: Any, accumulation: int, train_tokens: int,
-               val_tokens: int, micro_batch_size: int | None = None) -> str:
+               val_tokens: int, micro_batch_size: int | None = None, ramp: str = "") -> str:
     """The line a run starts with: the model's size, where it runs (on how many processes,
     spread as ParallelDims `dims` says), the batch (`accumulation` micro-batches of
-    `micro_batch_size` sequences, default train.micro_batch_size) and the data."""
+    `micro_batch_size` sequences, default train.micro_batch_size; `ramp` the batches that
+    follow, as BatchSchedule.describe says them) and the data."""
     model, train, data_parallel = cfg.model, cfg.train, dims.dp_degree
     where = (f"{dims.world_size} x {device.type} ({dims.describe()})" if dims.world_size > 1
              else str(device))
@@ -130,17 +131,18 @@ def setup_line(cfg: Any, dims: Any, device: Any, accumulation: int, train_tokens
     return (f"model: {model.num_params():,} parameters{active} "
             f"({model.num_params(embeddings=False):,} without embeddings) on {where}; "
             f"{tokens_per_step:,} tokens per step ({micro_batch_size} x {train.seq_len} x "
-            f"{accumulation} x {data_parallel} ranks); data: {train_tokens:,} train / "
+            f"{accumulation} x {data_parallel} ranks){f', then {ramp}' if ramp else ''}; "
+            f"data: {train_tokens:,} train / "
             f"{val_tokens:,} val tokens")
 
 
 def progress_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: float,
                   tokens_per_second: float, mfu: float | None, eta_seconds: float,
-                  aux: dict[str, Any] | None = None, aux_losses: frozenset[str] = frozenset()
-                  ) -> str:
-    """One greppable line: step/total, loss, lr, grad norm, tokens/s, MFU, ETA; then each
-    scalar term the model's parts reported (an aux_row): a loss term summed over its layers,
-    a statistic averaged over them."""
+                  aux: dict[str, Any] | None = None, aux_losses: frozenset[str] = frozenset(),
+                  batch_tokens: int | None = None) -> str:
+    """One greppable line: step/total, loss, lr, grad norm, the step's batch in tokens (given
+    under a batch ramp), tokens/s, MFU, ETA; then each scalar term the model's parts reported
+    (an aux_row): a loss term summed over its layers, a statistic averaged over them."""
     mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
     width = len(str(max_steps))
     terms = ""
@@ -149,23 +151,26 @@ def progress_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: 
         if values and not isinstance(values[0], list):  # one number per layer
             total = sum(values) if name in aux_losses else sum(values) / len(values)
             terms += f"{name} {total:.4f} | "
+    batch = f"batch {batch_tokens:,} tok | " if batch_tokens is not None else ""
     return (f"step {step:>{width}}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"grad {grad_norm:.3f} | {terms}{tokens_per_second:,.0f} tok/s | MFU {mfu_text} | "
-            f"ETA {format_duration(eta_seconds)}")
+            f"grad {grad_norm:.3f} | {terms}{batch}{tokens_per_second:,.0f} tok/s | "
+            f"MFU {mfu_text} | ETA {format_duration(eta_seconds)}")
 
 
 def train_report(step: int, max_steps: int, loss: float, cross_entropy: float, lr: float,
                  grad_norm: float, tokens: int, tokens_per_second: float, mfu: float | None,
-                 eta_seconds: float, aux: dict[str, Any] | None,
-                 aux_losses: frozenset[str]) -> tuple[dict[str, Any], str]:
-    """The metrics.jsonl row and the progress line of an interval of training steps."""
+                 eta_seconds: float, aux: dict[str, Any] | None, aux_losses: frozenset[str],
+                 batch_tokens: int, ramped: bool = False) -> tuple[dict[str, Any], str]:
+    """The metrics.jsonl row and the progress line of an interval of training steps: `tokens`
+    trained on so far, `batch_tokens` in the interval's last step (said in the line when the
+    batch is `ramped`)."""
     row = {"step": step, "split": "train", "loss": loss, "cross_entropy": cross_entropy,
-           "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+           "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "batch_tokens": batch_tokens,
            "tokens_per_second": tokens_per_second, "mfu": mfu, "time": time.time()}
     if aux is not None:
         row["aux"] = aux
     return row, progress_line(step, max_steps, loss, lr, grad_norm, tokens_per_second, mfu,
-                              eta_seconds, aux, aux_losses)
+                              eta_seconds, aux, aux_losses, batch_tokens if ramped else None)
 
 
 def append_sample(path: Path, step: int, text: str) -> None:

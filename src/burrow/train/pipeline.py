@@ -24,6 +24,7 @@ from burrow.eval.evaluate import eval_windows, summarise
 from burrow.model import Transformer
 from burrow.parallel.dims import LayerStrategy
 from burrow.parallel.pipeline import build_pipeline
+from burrow.train.batches import BatchSchedule
 from burrow.train.checkpoint import latest_checkpoint, load_weights
 from burrow.train.trainer import Trainer
 
@@ -40,6 +41,10 @@ class PipelineTrainer(Trainer):
                                        compile=train.compile)
         self.model = self.pipeline.module  # the whole model's other parts are dropped
         self.micro_batch_size = self.pipeline.micro_batch_size
+        # the schedule's micro-batches are fixed when it is built: no batch ramp (limits.py)
+        self.batches = BatchSchedule.constant(
+            self.micro_batch_size * train.seq_len * self.dims.dp_degree,
+            self.pipeline.micro_batches)
         self.accumulation = self.pipeline.micro_batches
 
     def forward_backward(self) -> torch.Tensor:

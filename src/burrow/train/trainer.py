@@ -39,6 +39,7 @@ from burrow.parallel import (
     loss_parallel_context,
     parallelize,
 )
+from burrow.train.batches import BatchSchedule
 from burrow.train.checkpoint import (
     list_checkpoints,
     load_training_state,
@@ -87,12 +88,14 @@ class Trainer:
         # checked before joining a process group, which an error here would leave behind
         self.dims = ParallelDims.for_train(cfg.train, launched_world_size())
         self.dims.check_model(cfg)
+        self.batches = BatchSchedule.for_train(cfg.train, self.dims.dp_degree)
         self.runtime = init_runtime(cfg.train.device, cfg.train.parallel)
         self.device = self.runtime.device
         self.autocast = autocast_for(self.device, cfg.train.precision)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stop_signal: int | None = None
         self.step = 0
+        self.tokens = 0  # tokens trained on, all ranks: the sum of the steps' batches
         self.aux = AuxMeter()  # what the model's parts report, between two progress lines
         self.eval_bytes: int | None = None  # exact size of the periodic evaluations' text
         self.yardstick: dict[str, float] = {}  # gzip and xz bits per byte on that text
@@ -132,8 +135,6 @@ class Trainer:
         self.prepare_model()
         self.wrap_model()
         self.optimizer = build_optimizer(self.model, cfg.train)
-        self.tokens_per_step = (self.accumulation * self.micro_batch_size * cfg.train.seq_len
-                                * self.dims.dp_degree)
         self.loader = BatchLoader(self.train_data, self.micro_batch_size, cfg.train.seq_len,
                                   seed=cfg.train.seed, rank=self.dims.dp_rank(self.runtime.rank),
                                   world_size=self.dims.dp_degree,
@@ -145,13 +146,15 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, dtype) * self.runtime.world_size
         if checkpoint is not None:  # checked by rank 0 above
             self._restore(checkpoint, verify=False)
+        self.accumulation = self.batches.accumulation(self.step)
         self.log(setup_line(cfg, self.dims, self.device, self.accumulation,
                             self.train_data.num_tokens,
                             self.val_data.num_tokens if self.val_data else 0,
-                            self.micro_batch_size))
+                            self.micro_batch_size, self.batches.describe()))
 
     def wrap_model(self) -> None:
-        """Spread the model (parallel/); set micro_batch_size and accumulation of a step."""
+        """Spread the model (parallel/); set micro_batch_size (the batch schedule, self.batches,
+        counts micro-batches of it)."""
         train = self.cfg.train
         layers = LayerStrategy.uniform(self.dims, self.cfg.model.n_layers,
                                        train.checkpointed(self.cfg.model.n_layers))
@@ -159,8 +162,6 @@ class Trainer:
                                                   bf16=self.autocast is not None, layers=layers,
                                                   compile=train.compile)
         self.micro_batch_size = train.micro_batch_size
-        micro_tokens = train.micro_batch_size * train.seq_len * self.dims.dp_degree
-        self.accumulation = max(1, round(train.batch_tokens / micro_tokens))
 
     def prepare_model(self) -> None:
         """Change the fresh model before it is wrapped and its optimiser built: subclasses load
@@ -185,6 +186,8 @@ class Trainer:
             self.loader.load_state_dict(state["loader"], allow_data_change=self.allow_data_change)
             restore_rng_state(state["rng"], self.device)
         self.step = state["step"]
+        # checkpoints older than the count: the sum of this run's batches up to the step
+        self.tokens = state.get("tokens", self.batches.tokens_between(0, self.step))
         self.spikes = SpikeDetector(self.cfg.train.spike_factor, self.cfg.train.spike_window,
                                     state.get("spike_history"))
         self.log(f"resumed from {checkpoint} at step {self.step}")
@@ -205,19 +208,27 @@ class Trainer:
         return self.retrieval.batch(split, starts, self.cfg.train.seq_len, device=self.device)
 
     def train_step(self) -> tuple[float, float, float]:
-        """One optimiser step: loss, cross-entropy, grad norm."""
+        """One optimiser step: loss, cross-entropy, grad norm. The learning rate and the batch
+        are functions of the step."""
         apply_schedule(self.optimizer, self.step, self.cfg.train)
+        self.accumulation = self.batches.accumulation(self.step)
         losses = self.forward_backward()
         grad_norm = self.clip_gradients(
             self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.tokens += self.batches.tokens(self.step)
         self.step += 1
         return float(losses[0]), float(losses[1]), float(grad_norm)
 
     def forward_backward(self) -> torch.Tensor:
         """The step's `accumulation` micro-batches forward and backward: (loss, cross-entropy),
-        each the mean over the step's micro-batches and the ranks."""
+        each the mean over the step's micro-batches and the ranks.
+
+        Every micro-batch holds micro_batch_size x seq_len targets (training windows have no
+        padding) and every rank the same number of micro-batches, so dividing each one's mean
+        loss by this step's accumulation makes the gradient that of the mean over all the
+        step's tokens, however many micro-batches the step has."""
         loss_sum = torch.zeros((), device=self.device)
         cross_entropy_sum = torch.zeros((), device=self.device)
         for micro_step in range(self.accumulation):
@@ -281,7 +292,7 @@ class Trainer:
     def _loop(self) -> None:
         tcfg = self.cfg.train
         interval_losses: list[float] = []
-        interval_start, step_seconds = time.perf_counter(), None
+        interval_start, token_seconds = (time.perf_counter(), self.tokens), None
         while self.step < tcfg.max_steps and not self._should_stop():
             loss, cross_entropy, grad_norm = self.train_step()
             if not math.isfinite(loss):
@@ -291,35 +302,37 @@ class Trainer:
             crossed = self.spikes.observe(loss)
             if crossed is not None:
                 self._recover_from_spike(loss, crossed)
-                interval_losses, interval_start = [], time.perf_counter()
+                interval_losses, interval_start = [], (time.perf_counter(), self.tokens)
                 self.aux.reset()
                 continue
             interval_losses.append(loss)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
-                elapsed = time.perf_counter() - interval_start
-                seconds = elapsed / len(interval_losses)
-                step_seconds = seconds if step_seconds is None else (
-                    0.7 * step_seconds + 0.3 * seconds)
+                # Time per token, not per step: under a batch ramp the steps grow.
+                seconds = (time.perf_counter() - interval_start[0]) / (
+                    self.tokens - interval_start[1])
+                token_seconds = seconds if token_seconds is None else (
+                    0.7 * token_seconds + 0.3 * seconds)
                 self._log_train(sum(interval_losses) / len(interval_losses), cross_entropy,
-                                grad_norm, seconds, step_seconds)
+                                grad_norm, seconds, token_seconds)
                 interval_losses = []
             if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.max_steps:
                 self.evaluate()
             if tcfg.save_every and self.step % tcfg.save_every == 0 and self.step < tcfg.max_steps:
                 self.save()
             if not interval_losses:
-                interval_start = time.perf_counter()
+                interval_start = (time.perf_counter(), self.tokens)
 
     def _log_train(self, loss: float, cross_entropy: float, grad_norm: float,
-                   seconds_per_step: float, smoothed_seconds: float) -> None:
-        tokens_per_second = self.tokens_per_step / seconds_per_step
+                   seconds_per_token: float, smoothed_seconds: float) -> None:
+        tokens_per_second = 1.0 / seconds_per_token
         mfu = (tokens_per_second * self.flops_per_token / self.peak_flops
                if self.peak_flops else None)
         lr = self.optimizer.param_groups[0]["lr"]
-        eta = smoothed_seconds * (self.cfg.train.max_steps - self.step)
+        eta = smoothed_seconds * self.batches.tokens_between(self.step, self.cfg.train.max_steps)
         row, line = train_report(self.step, self.cfg.train.max_steps, loss, cross_entropy, lr,
-                                 grad_norm, self.step * self.tokens_per_step, tokens_per_second,
-                                 mfu, eta, self.aux.take(), frozenset(self.aux.losses))
+                                 grad_norm, self.tokens, tokens_per_second, mfu, eta,
+                                 self.aux.take(), frozenset(self.aux.losses),
+                                 self.batches.tokens(self.step - 1), self.batches.ramped)
         self.log(line)
         self.record(row)
 
@@ -336,7 +349,9 @@ class Trainer:
             self.record(event)
             return
         self._restore(target)
-        self.loader.skip_batches(tcfg.spike_skip * self.accumulation)
+        # the data of the spike_skip steps after the checkpoint, as large as their batches are
+        self.loader.skip_batches(self.batches.micro_batches(self.step,
+                                                            self.step + tcfg.spike_skip))
         event.update(rolled_back_to=self.step, skipped_batches=tcfg.spike_skip)
         self.record(event)
         self.log(f"loss spike at step {spike_step}: {loss:.4f} > {threshold:.4f}; rolled back to "
@@ -384,7 +399,7 @@ class Trainer:
         return result
 
     def save(self) -> Path:
-        state = {"step": self.step, "loader": self.loader.state_dict(),
+        state = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
                  "rng": rng_state(self.device), "spike_history": list(self.spikes.losses)}
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                keep=self.cfg.train.keep_checkpoints,
