@@ -147,7 +147,7 @@ class Trainer:
         if checkpoint is not None:  # checked by rank 0 above
             self._restore(checkpoint, verify=False)
         self.accumulation = self.batches.accumulation(self.step)
-        self.log(setup_line(cfg, self.dims, self.device, self.accumulation,
+        self.log(setup_line(cfg, self.dims, self.device, self.batches.accumulation(0),
                             self.train_data.num_tokens,
                             self.val_data.num_tokens if self.val_data else 0,
                             self.micro_batch_size, self.batches.describe()))
