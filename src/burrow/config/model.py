@@ -17,7 +17,7 @@ FFN_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rmsnorm", "layernorm")
 POSITION_KINDS = ("rope", "relative", "learned")
 BLOCK_KINDS = ("serial", "parallel")
-INIT_KINDS = ("gpt2", "fan_in")
+INIT_KINDS = ("gpt2", "fan_in", "switch")
 LOSS_KERNELS = ("auto", "chunked", "plain")
 
 
@@ -183,7 +183,8 @@ class ModelConfig:
     max_seq_len: int = 256
     # Dropout probability on attention weights and residual branches.
     dropout: float = 0.0
-    # Weight init: "gpt2" (N(0, 0.02), residual outputs / sqrt(2L)) or "fan_in" (PaLM §2).
+    # Weight init: "gpt2" (N(0, 0.02), residual outputs / sqrt(2L)), "fan_in" (PaLM §2) or
+    # "switch" (Switch §2.4: each weight matrix N(0, moe.init_scale / fan_in), cut at 2 sigma).
     init: str = "gpt2"
     # Base of the rotary frequencies.
     rope_theta: float = 10000.0
@@ -216,6 +217,12 @@ class ModelConfig:
     def head_size(self) -> int:
         """Per-head width with the default resolved."""
         return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def scaled_tied_logits(self) -> bool:
+        """Whether the logits are scaled by d_model^-1/2: a tied embedding table drawn from
+        N(0, 1), by init "fan_in" (PaLM §2) or "switch" (Mesh TensorFlow's hidden_to_logits)."""
+        return self.tie_embeddings and self.init in ("fan_in", "switch")
 
     @property
     def expert_ffn_size(self) -> int:
