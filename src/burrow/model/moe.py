@@ -57,13 +57,14 @@ class Router(nn.Module):
 
     def forward(self, tokens: torch.Tensor):
         with torch.autocast(tokens.device.type, enabled=False):
-            x = tokens.float()  # a copy: the experts read the tokens as they came
+            x = tokens.float()
             if self.training and self.jitter > 0:
                 # Switch App. C (Table 11), "input jitter": each element of the router's input
                 # times U(1 - eps, 1 + eps), in training only, as Mesh TensorFlow's
                 # _switch_gating (multiplicative_jitter on the gate inputs). The router's
                 # pseudocode in App. F adds the noise to the logits instead; the text ("noise
-                # on the incoming representation") and the code multiply the input.
+                # on the incoming representation") and the code multiply the input. Out of
+                # place: the experts read the tokens unchanged.
                 x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             logits = F.linear(x, self.weight.float())
             probs = logits.softmax(dim=-1)
