@@ -29,8 +29,11 @@ LAYERS = [dict(ffn="swiglu", moe=dict(capacity_factor=0.5)),
           dict(ffn="gelu", moe=dict(top_k=2, dropless=True))]
 
 
-def probed_loss(layer, x: torch.Tensor, probe: torch.Tensor):
-    """A loss that reaches every output value and the router's losses; and the layer's output."""
+def probed_loss(layer, x: torch.Tensor, probe: torch.Tensor, seed: int):
+    """A loss that reaches every output value and the router's losses; and the layer's output.
+    `seed`: the random draws of top-2 routing (GShard's random routing), the same for a rank's
+    tokens in the whole layer and the split one."""
+    torch.manual_seed(seed)
     ctx = ForwardContext(torch.arange(x.shape[1]))
     y = layer(x, ctx)
     stats = {term.name: term.value for term in ctx.aux}
@@ -79,11 +82,11 @@ def switch_layer_worker() -> None:
         probe = torch.randn(2, 8, 16, dtype=torch.float64)
         # One process: the global loss is the mean of the ranks' losses (DDP's average).
         everything = tokens.clone().requires_grad_()
-        results = [probed_loss(whole, everything[r], probe) for r in range(world)]
+        results = [probed_loss(whole, everything[r], probe, seed=r) for r in range(world)]
         (sum(result[0] for result in results) / world).backward()
         # Split: this rank's loss; the dense router's gradient averaged as DDP would.
         mine = tokens[rank].clone().requires_grad_()
-        local_loss, y, stats = probed_loss(split, mine, probe)
+        local_loss, y, stats = probed_loss(split, mine, probe, seed=rank)
         local_loss.backward()
         for weight in split.router.parameters():
             dist.all_reduce(weight.grad)

@@ -59,16 +59,20 @@ def run_layer(layer: SwitchMLP, x: torch.Tensor, statistics: bool = True):
                               dropped=terms["dropped"], load=terms["expert_load"])
 
 
-def reference(layer: SwitchMLP, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+def reference(layer: SwitchMLP, x: torch.Tensor, dispatched: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, float]:
     """A token at a time: first choices in token order, then second choices; an expert takes
-    tokens until it holds `capacity`; output = sum of kept gate x expert(token)."""
+    tokens until it holds `capacity`; output = sum of kept gate x expert(token). Assignments
+    whose `dispatched` (S, k) is False (GShard's random routing) are skipped and take no slot."""
     tokens = x.reshape(-1, x.shape[-1])
     logits = tokens.double() @ layer.router.weight.double().t()
     probs = logits.softmax(-1)
     gates, experts = probs.topk(layer.top_k, dim=-1)
     if layer.top_k > 1:
         gates = gates / gates.sum(-1, keepdim=True)
-    counts = torch.bincount(experts.flatten(), minlength=layer.num_experts)
+    if dispatched is None:
+        dispatched = torch.ones_like(experts, dtype=torch.bool)
+    counts = torch.bincount(experts[dispatched], minlength=layer.num_experts)
     # Switch eq. 3, written out here: factor x k x tokens / experts, rounded up; dropless, the
     # busiest expert's load.
     factor = layer.capacity_factor if layer.training else layer.eval_capacity_factor
@@ -80,6 +84,8 @@ def reference(layer: SwitchMLP, x: torch.Tensor) -> tuple[torch.Tensor, float]:
     weights = {name: p.double() for name, p in layer.experts.named_parameters()}
     for choice in range(layer.top_k):
         for t in range(len(tokens)):
+            if not dispatched[t, choice]:
+                continue
             e = int(experts[t, choice])
             if taken[e] >= capacity:
                 dropped += 1
@@ -91,7 +97,7 @@ def reference(layer: SwitchMLP, x: torch.Tensor) -> tuple[torch.Tensor, float]:
             else:
                 hidden = F.gelu(h @ weights["up_proj"][e])
             out[t] += gates[t, choice] * (hidden @ weights["down_proj"][e])
-    return out.view_as(x), dropped / (layer.top_k * len(tokens))
+    return out.view_as(x), dropped / int(dispatched.sum())
 
 
 @pytest.mark.parametrize("top_k,ffn,factor", [(1, "swiglu", 1.25), (2, "swiglu", 1.0),
@@ -105,8 +111,10 @@ def test_switch_layer_matches_a_per_token_reference(top_k, ffn, factor):
     with torch.no_grad():  # a router sharp enough to load some experts over capacity
         layer.router.weight.mul_(40)
     x = torch.randn(3, 10, cfg.d_model)
+    seen = {}  # top-2 in training: the second choices random routing sent
+    layer.router.register_forward_hook(lambda module, args, out: seen.update(sent=out[4]))
     y, stats = run_layer(layer, x)
-    expected, dropped = reference(layer, x)
+    expected, dropped = reference(layer, x, seen["sent"])
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-6)
     assert float(stats.dropped) == pytest.approx(dropped)
     if factor < 1:

@@ -55,7 +55,7 @@ def _tiny(d_model: int, n_layers: int, n_heads: int) -> ModelConfig:
 def _switch(dense: ModelConfig, num_experts: int = 8, every: int = 2) -> ModelConfig:
     """A Switch variant of a dense model: every `every`-th MLP becomes `num_experts` experts
     of the same width with top-1 routing and Switch's defaults (capacity 1.25 / 2.0,
-    alpha 0.01, router z-loss 1e-3, init scale 0.1)."""
+    alpha 0.01, init scale 0.1) and ST-MoE's router z-loss 1e-3."""
     return dataclasses.replace(dense, moe=MoEConfig(num_experts=num_experts, every=every))
 
 

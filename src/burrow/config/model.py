@@ -17,7 +17,7 @@ FFN_KINDS = ("swiglu", "gelu")
 NORM_KINDS = ("rmsnorm", "layernorm")
 POSITION_KINDS = ("rope", "relative", "learned")
 BLOCK_KINDS = ("serial", "parallel")
-INIT_KINDS = ("gpt2", "fan_in")
+INIT_KINDS = ("gpt2", "fan_in", "switch")
 LOSS_KERNELS = ("auto", "chunked", "plain")
 
 
@@ -33,7 +33,8 @@ class MoEConfig:
     num_experts: int = 0
     # Every N-th block is sparse (Switch: 2, every other FFN layer; 1 = all of them).
     every: int = 2
-    # Experts per token: 1 = Switch, 2 = GShard (gates renormalised over the two).
+    # Experts per token: 1 = Switch; 2 = GShard (gates renormalised over the two, the second
+    # expert used with probability 2 x its gate in training: Lepikhin et al. 2020, Algorithm 1).
     top_k: int = 1
     # Expert capacity in training = capacity_factor x top_k x tokens / num_experts (Switch: 1.25).
     capacity_factor: float = 1.25
@@ -43,12 +44,18 @@ class MoEConfig:
     dropless: bool = False
     # Load-balancing loss alpha * N * sum_i f_i * P_i (Switch eq. 4: alpha = 0.01).
     balance_loss: float = 0.01
-    # Router z-loss coefficient on mean log^2 Z of the router logits (ST-MoE eq. 5: 1e-3).
+    # Router z-loss coefficient on mean log^2 Z of the router logits: ST-MoE's addition (Zoph
+    # et al. 2022, eq. 5: 1e-3), not part of Switch; 0 = Switch's own router.
     router_z_loss: float = 1e-3
-    # Multiply the router's input by U(1 - jitter, 1 + jitter) in training (Switch: 0.01); 0 = off.
+    # Multiply the router's input, not the experts', by U(1 - jitter, 1 + jitter) in training
+    # (Switch App. C, "input jitter"; 0.01 in Mesh TensorFlow and ST-MoE); 0 = off.
     jitter: float = 0.0
-    # Experts and router init N(0, init_scale / fan_in) truncated at 2 sigma (Switch §2.4: 0.1).
+    # Switch §2.4's s: experts and router init N(0, s / fan_in) truncated at 2 sigma, and every
+    # weight matrix with model.init = "switch" (0.1).
     init_scale: float = 0.1
+    # Dropout on each expert's hidden activations, between its two projections, in training
+    # (Switch §2.4 "expert dropout", Table 4: 0.4 when fine-tuning, model.dropout 0.1).
+    expert_dropout: float = 0.0
     # Hidden width of each expert; None = the model's d_ff.
     d_ff: int | None = None
 
@@ -76,8 +83,9 @@ class MoEConfig:
         for name in ("balance_loss", "router_z_loss"):
             if getattr(self, name) < 0:
                 raise UserError(f"model.moe.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.jitter < 1.0:
-            raise UserError(f"model.moe.jitter must be in [0, 1), got {self.jitter}")
+        for name in ("jitter", "expert_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"model.moe.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.d_ff is not None:
             check_positive(self.d_ff, "model.moe.d_ff")
 
@@ -183,7 +191,8 @@ class ModelConfig:
     max_seq_len: int = 256
     # Dropout probability on attention weights and residual branches.
     dropout: float = 0.0
-    # Weight init: "gpt2" (N(0, 0.02), residual outputs / sqrt(2L)) or "fan_in" (PaLM §2).
+    # Weight init: "gpt2" (N(0, 0.02), residual outputs / sqrt(2L)), "fan_in" (PaLM §2) or
+    # "switch" (Switch §2.4: each weight matrix N(0, moe.init_scale / fan_in), cut at 2 sigma).
     init: str = "gpt2"
     # Base of the rotary frequencies.
     rope_theta: float = 10000.0
@@ -216,6 +225,12 @@ class ModelConfig:
     def head_size(self) -> int:
         """Per-head width with the default resolved."""
         return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def scaled_tied_logits(self) -> bool:
+        """Whether the logits are scaled by d_model^-1/2: a tied embedding table drawn from
+        N(0, 1), by init "fan_in" (PaLM §2) or "switch" (Mesh TensorFlow's hidden_to_logits)."""
+        return self.tie_embeddings and self.init in ("fan_in", "switch")
 
     @property
     def expert_ffn_size(self) -> int:

@@ -82,9 +82,9 @@ def check_exportable(cfg: ModelConfig) -> None:
          "RMSNorm"),
         (cfg.bias, "model.bias=true: the Llama export carries no biases (train with "
          "model.bias=false)"),
-        (cfg.tie_embeddings and cfg.init == "fan_in", "model.init='fan_in' with "
-         "model.tie_embeddings=true scales the logits by d_model^-1/2 (PaLM section 2), which "
-         "a Llama config cannot express"),
+        (cfg.scaled_tied_logits, f"model.init={cfg.init!r} with model.tie_embeddings=true "
+         "scales the logits by d_model^-1/2 (PaLM section 2), which a Llama config cannot "
+         "express"),
     ]
     for refused, reason in refusals:
         if refused:

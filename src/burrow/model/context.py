@@ -79,33 +79,48 @@ class ForwardContext:
         self.aux.append(AuxTerm(name, layer, value if loss else value.detach(), loss))
 
 
+def truncated_normal_(weight: torch.Tensor, scale: float, fan_in: int) -> None:
+    """Switch §2.4: elements of N(0, sigma^2), sigma = sqrt(scale / fan_in), values beyond two
+    sigma drawn again (footnote 6; TensorFlow's truncated_normal, which Mesh TensorFlow's
+    VarianceScalingInitializer calls). sigma is the untruncated normal's: the values' own
+    standard deviation is 0.88 sigma."""
+    std = math.sqrt(scale / fan_in)
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
 class Init:
     """The initialisation scheme every module applies to its own tensors (`init_weights`).
 
-    tensor                         init="gpt2"                init="fan_in" (PaLM §2)
-    embeddings                     N(0, 0.02)                 N(0, 1)
-    linear layers                  N(0, 0.02)                 N(0, 1/sqrt(fan_in))
-    residual outputs (o, down)     N(0, 0.02/sqrt(2L))        N(0, 1/sqrt(fan_in))
-    biases                         0                          0
-    Parts with their own rule (Switch's experts and router, Transformer-XL's u and v, norms)
-    say so in their own init_weights.
+    tensor                      init="gpt2"            init="fan_in" (PaLM §2)  init="switch"
+    embeddings                  N(0, 0.02)             N(0, 1)                  N(0, 1)
+    linear layers               N(0, 0.02)             N(0, 1/sqrt(fan_in))     TN(s / fan_in)
+    residual outputs (o, down)  N(0, 0.02/sqrt(2L))    N(0, 1/sqrt(fan_in))     TN(s / fan_in)
+    biases                      0                      0                        0
+    TN(s / fan_in): Switch §2.4, every weight matrix drawn from N(0, s / fan_in) truncated at
+    two standard deviations, s = model.moe.init_scale (0.1). The rule is for matrices with a
+    fan-in; an embedding table is looked up, not multiplied, and Mesh TensorFlow, the paper's
+    code, draws it from N(0, 1) (layers.embedding_weights), the logits of a tied table scaled
+    by d^-1/2 (VocabEmbedding.hidden_to_logits), as with "fan_in".
+    Parts with their own rule (Switch's experts and router, which are TN(s / fan_in) whatever
+    the kind, Transformer-XL's u and v, norms) say so in their own init_weights.
     """
 
-    def __init__(self, kind: str, n_layers: int):
-        self.fan_in = kind == "fan_in"
+    def __init__(self, kind: str, n_layers: int, scale: float = 0.1):
+        self.kind, self.scale = kind, scale
         # GPT-2: the residual stream's variance grows with each of the 2L residual additions.
         self.residual_std = 0.02 / math.sqrt(2 * n_layers)
 
     def linear(self, layer: nn.Linear, residual: bool = False) -> None:
         """A linear layer's weight, and its bias to 0; `residual`: it writes to the residual
         stream (attention's output, the MLP's down projection)."""
-        if self.fan_in:
-            std = layer.in_features ** -0.5
+        if self.kind == "switch":
+            truncated_normal_(layer.weight, self.scale, layer.in_features)
+        elif self.kind == "fan_in":
+            nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
         else:
-            std = self.residual_std if residual else 0.02
-        nn.init.normal_(layer.weight, std=std)
+            nn.init.normal_(layer.weight, std=self.residual_std if residual else 0.02)
         if layer.bias is not None:
             nn.init.zeros_(layer.bias)
 
     def embedding(self, table: nn.Embedding) -> None:
-        nn.init.normal_(table.weight, std=1.0 if self.fan_in else 0.02)
+        nn.init.normal_(table.weight, std=0.02 if self.kind == "gpt2" else 1.0)

@@ -91,7 +91,7 @@ class EncoderClassifier(nn.Module):
         """Token and position tables as the language model's (model/context.py's Init), each
         part and the tape reader by its own init_weights; the CLS vector and the head zero, as
         the reference's (`cls`, `output_projection`), so that training starts at log C."""
-        init = Init(self.cfg.init, self.cfg.n_layers)
+        init = Init(self.cfg.init, self.cfg.n_layers, self.cfg.moe.init_scale)
         if self.whole_input is None:
             init.embedding(self.embed)
         else:

@@ -10,7 +10,13 @@ others' weights are not read.
 
 The router works in float32 whatever the autocast dtype ("selective precision", Switch §2.4),
 and adds two losses: the load-balancing loss alpha * N * sum_i f_i * P_i (Switch eq. 4-6)
-and the router z-loss (ST-MoE, Zoph et al. 2022, eq. 5).
+and the router z-loss, which is ST-MoE's (Zoph et al. 2022, eq. 5), not Switch's.
+
+Switch's training recipe, each part opt-in: input jitter on the router (App. C), expert
+dropout (§2.4, Table 4), and the truncated-normal init of every weight matrix (§2.4; the
+experts and router always have it, model.init = "switch" gives it to the rest). With top_k = 2
+the router is GShard's (Lepikhin et al. 2020, §2.2 and Algorithm 1): random routing of the
+second expert in training and a balance loss over first choices.
 """
 
 from __future__ import annotations
@@ -23,17 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from burrow.config import ModelConfig
-from burrow.model.context import ForwardContext, Init
-
-
-def truncated_normal_(weight: torch.Tensor, scale: float, fan_in: int) -> None:
-    """Switch §2.4: N(0, scale / fan_in), truncated at two standard deviations."""
-    std = math.sqrt(scale / fan_in)
-    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+from burrow.model.context import ForwardContext, Init, truncated_normal_
 
 
 class Router(nn.Module):
-    """Linear logits over the experts, softmax, top-k; always computed in float32."""
+    """Linear logits over the experts, softmax, top-k; always computed in float32.
+
+    forward(tokens (S, d)) -> logits, probs (S, N); gates, experts (S, k); and dispatched
+    (S, k), whether each assignment goes to its expert, or None when all of them do: with
+    top_k = 2 in training, GShard's random routing leaves some second choices out.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -51,17 +56,31 @@ class Router(nn.Module):
         return [self.weight]
 
     def forward(self, tokens: torch.Tensor):
-        # tokens (S, d) -> logits, probs (S, N) in float32; gates, experts (S, k)
         with torch.autocast(tokens.device.type, enabled=False):
             x = tokens.float()
-            if self.training and self.jitter > 0:  # Switch §2.4 (Table 3): multiplicative noise
+            if self.training and self.jitter > 0:
+                # Switch App. C (Table 11), "input jitter": each element of the router's input
+                # times U(1 - eps, 1 + eps), in training only, as Mesh TensorFlow's
+                # _switch_gating (multiplicative_jitter on the gate inputs). The router's
+                # pseudocode in App. F adds the noise to the logits instead; the text ("noise
+                # on the incoming representation") and the code multiply the input. Out of
+                # place: the experts read the tokens unchanged.
                 x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             logits = F.linear(x, self.weight.float())
             probs = logits.softmax(dim=-1)
             gates, experts = probs.topk(self.top_k, dim=-1)
             if self.top_k > 1:  # GShard: the k gates are renormalised to sum to one
                 gates = gates / gates.sum(dim=-1, keepdim=True)
-        return logits, probs, gates, experts
+            dispatched = None
+            if self.training and self.top_k == 2:
+                # GShard §2.2 "random routing", Algorithm 1 lines 16-19: the second expert is
+                # used if 2 * g2 > U(0, 1), g2 its renormalised gate (at most 1/2), so a
+                # small second gate rarely costs a slot. In evaluation every second choice
+                # is used: the paper gives the rule for training; GShard's Lingvo code
+                # defaults to using both ("all").
+                second = 2 * gates[:, 1] > torch.rand_like(gates[:, 1])
+                dispatched = torch.stack([torch.ones_like(second), second], dim=1)
+        return logits, probs, gates, experts, dispatched
 
 
 class Experts(nn.Module):
@@ -76,6 +95,7 @@ class Experts(nn.Module):
         super().__init__()
         n, d, ff = cfg.moe.num_experts, cfg.d_model, cfg.expert_ffn_size
         self.gated, self.init_scale = cfg.ffn == "swiglu", cfg.moe.init_scale
+        self.dropout = cfg.moe.expert_dropout
         self.up_proj = nn.Parameter(torch.empty(n, d, ff))
         self.gate_proj = nn.Parameter(torch.empty(n, d, ff)) if self.gated else None
         self.down_proj = nn.Parameter(torch.empty(n, ff, d))
@@ -113,6 +133,10 @@ class Experts(nn.Module):
              down: torch.Tensor) -> torch.Tensor:
         """The MLP on x (..., C, d) with weights (..., d, ff) and (..., ff, d)."""
         hidden = F.silu(x @ gate) * (x @ up) if self.gated else F.gelu(x @ up)
+        if self.dropout > 0:
+            # Switch §2.4 "expert dropout": dropout "at the interim feed-forward computation"
+            # of each expert, where T5 puts its FFN dropout, between wi and wo (Table 4: 0.4).
+            hidden = F.dropout(hidden, self.dropout, self.training)
         return hidden @ down
 
 
@@ -156,8 +180,9 @@ class SwitchMLP(nn.Module):
         B, T, d = x.shape
         tokens = x.reshape(B * T, d)  # (S, d)
         S, N, k = B * T, self.num_experts, self.top_k
-        logits, probs, gates, experts = self.router(tokens)
-        if S == 1 and not ctx.statistics and self.reads_chosen_experts_only(k):
+        logits, probs, gates, experts, dispatched = self.router(tokens)
+        if (S == 1 and not ctx.statistics and dispatched is None
+                and self.reads_chosen_experts_only(k)):
             # One token (decoding one sequence): its k assignments go to k different experts,
             # each with room for it, so there is no queue to sort and nothing to drop.
             out = self.experts.chosen(tokens.expand(k, d), experts[0])  # (k, d)
@@ -168,16 +193,24 @@ class SwitchMLP(nn.Module):
         expert_of = experts.t().reshape(-1)
         gate_of = gates.t().reshape(-1)
         token_of = torch.arange(S, device=x.device).repeat(k)
-        # (N,) assignments per expert; scatter_add, unlike bincount, has a static shape
-        counts = torch.zeros(N, dtype=torch.long, device=x.device).scatter_add_(
-            0, expert_of, torch.ones_like(expert_of))
-        capacity = self.capacity(S, counts)
-        # Each assignment's place in its expert's queue: a stable sort keeps the priority.
-        order = torch.argsort(expert_of, stable=True)
-        first = torch.cumsum(counts, 0) - counts  # (N,) where each expert's queue starts
-        place_sorted = torch.arange(k * S, device=x.device) - first[expert_of[order]]
+        # The queue each assignment joins: its expert's, or, for a second choice that random
+        # routing left out, a spare queue N that takes no expert's capacity (GShard §2.2).
+        queue_of = expert_of
+        if dispatched is not None:
+            dispatched = dispatched.t().reshape(-1)
+            queue_of = torch.where(dispatched, expert_of, N)
+        # (N + 1,) assignments per queue; scatter_add, unlike bincount, has a static shape
+        counts = torch.zeros(N + 1, dtype=torch.long, device=x.device).scatter_add_(
+            0, queue_of, torch.ones_like(queue_of))
+        capacity = self.capacity(S, counts[:N])
+        # Each assignment's place in its queue: a stable sort keeps the priority.
+        order = torch.argsort(queue_of, stable=True)
+        first = torch.cumsum(counts, 0) - counts  # (N + 1,) where each queue starts
+        place_sorted = torch.arange(k * S, device=x.device) - first[queue_of[order]]
         place = torch.empty_like(place_sorted).scatter_(0, order, place_sorted)
         kept = place < capacity
+        if dispatched is not None:
+            kept = kept & dispatched
         if self.reads_chosen_experts_only(k * S):
             out = self.experts.chosen(tokens[token_of], expert_of)  # (k*S, d)
         else:
@@ -189,7 +222,7 @@ class SwitchMLP(nn.Module):
         weight = (gate_of * kept).to(out.dtype)[:, None]
         y = tokens.new_zeros(S, d, dtype=out.dtype).index_add(0, token_of, out * weight)
         if ctx.statistics:
-            self._report(ctx, logits, probs, counts, kept)
+            self._report(ctx, logits, probs, experts[:, 0], counts[:N], kept)
         return y.view(B, T, d).to(x.dtype)
 
     def reads_chosen_experts_only(self, assignments: int) -> bool:
@@ -203,13 +236,22 @@ class SwitchMLP(nn.Module):
                 and self.agree_capacity is None)
 
     def _report(self, ctx: ForwardContext, logits: torch.Tensor, probs: torch.Tensor,
-                counts: torch.Tensor, kept: torch.Tensor) -> None:
-        # Switch eq. 4-6: f_i the fraction of assignments to expert i (no gradient), P_i the
-        # mean router probability of expert i; N * sum_i f_i * P_i = 1 when both are uniform.
-        load = counts.float() / counts.sum()
-        balance = self.balance_coefficient * self.num_experts * (load * probs.mean(0)).sum()
+                first_choice: torch.Tensor, counts: torch.Tensor, kept: torch.Tensor) -> None:
+        # Switch eq. 4-6: f_i the fraction of tokens whose first choice is expert i (no
+        # gradient), P_i the mean router probability of expert i; N * sum_i f_i * P_i = 1 when
+        # both are uniform. With top-2, GShard's c_e / S counts first choices only, before
+        # capacity (Algorithm 1, lines 4-13), as Mesh TensorFlow's _top_2_gating (density_1,
+        # with this normalisation).
+        N = self.num_experts
+        first = torch.zeros(N, device=probs.device).scatter_add_(
+            0, first_choice, torch.ones_like(first_choice, dtype=torch.float))
+        balance = self.balance_coefficient * N * (first / len(first_choice) * probs.mean(0)).sum()
+        # ST-MoE eq. 5, not part of Switch: router_z_loss = 0 leaves it out.
         z_loss = self.z_coefficient * torch.logsumexp(logits, dim=-1).square().mean()
         ctx.report("balance_loss", self.layer, balance, loss=True)
         ctx.report("router_z_loss", self.layer, z_loss, loss=True)
-        ctx.report("dropped", self.layer, 1.0 - kept.float().mean())
-        ctx.report("expert_load", self.layer, load)
+        # Of the assignments sent to an expert (random routing's left-out ones are not), the
+        # share over capacity; each expert's share of them.
+        sent = counts.sum()
+        ctx.report("dropped", self.layer, 1.0 - kept.sum() / sent)
+        ctx.report("expert_load", self.layer, counts.float() / sent)

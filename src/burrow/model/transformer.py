@@ -73,8 +73,7 @@ class Transformer(nn.Module):
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
                                                               bias=False)
         # PaLM §2: with shared embeddings of variance 1, the logits are scaled by d^-1/2.
-        tied_fan_in = cfg.tie_embeddings and cfg.init == "fan_in"
-        self.logit_scale = cfg.d_model ** -0.5 if tied_fan_in else 1.0
+        self.logit_scale = cfg.d_model ** -0.5 if cfg.scaled_tied_logits else 1.0
         # The loss computed when labels are given without an objective; replaceable from
         # outside, e.g. by one that reads logits split over the vocabulary (parallel/tensor.py).
         self.objective: Objective = LanguageModelLoss()
@@ -85,7 +84,7 @@ class Transformer(nn.Module):
         """Initialise every tensor: the tables and the head here, each part by its own
         `init_weights` (model/context.py's Init has the table), in the order of the modules.
         On the meta device it sets nothing."""
-        init = Init(self.cfg.init, self.cfg.n_layers)
+        init = Init(self.cfg.init, self.cfg.n_layers, self.cfg.moe.init_scale)
         init.embedding(self.embed)
         if self.pos_embed is not None:
             init.embedding(self.pos_embed)

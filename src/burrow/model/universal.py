@@ -115,7 +115,7 @@ class UniversalTransformer(nn.Module):
         vector and the head zero, as the encoder's (model/encoder.py); the halting unit's bias
         `halting_bias` (tensor2tensor: 1), so that early on positions halt after a step or
         two."""
-        init = Init(self.cfg.init, self.max_steps)
+        init = Init(self.cfg.init, self.max_steps, self.cfg.moe.init_scale)
         init.embedding(self.embed)
         for module in [*self.block.modules(), self.norm]:
             if hasattr(module, "init_weights"):

@@ -37,7 +37,7 @@ CHANGEABLE = frozenset({
     "model.dropout", "model.z_loss", "model.init", "model.loss_kernel", "model.max_seq_len",
     "model.rope_theta", "model.moe.capacity_factor", "model.moe.eval_capacity_factor",
     "model.moe.dropless", "model.moe.balance_loss", "model.moe.router_z_loss",
-    "model.moe.jitter", "model.moe.init_scale"})
+    "model.moe.jitter", "model.moe.init_scale", "model.moe.expert_dropout"})
 
 
 def checkpoint_to_continue(run_dir: Path, resume: bool) -> Path | None:
