@@ -180,3 +180,15 @@ def test_presets_recipes_lists_every_recipe_as_json(capsys):
     assert [row["name"] for row in rows] == [r.name for r in recipes.RECIPES]
     palm = next(row for row in rows if row["name"] == "palm")
     assert palm["optimizer"] == "adafactor" and palm["weight_decay"] == "lr^2"
+
+
+def test_the_switch_recipe_sets_switchs_model_fields_and_skips_them_on_a_dense_model(tmp_path):
+    cfg, _ = run_config_from_args(args_of("--preset", "switch-nano", "--recipe", "switch",
+                                          "--out", str(tmp_path / "s")))
+    assert cfg.model.init == "switch" and cfg.model.moe.jitter == 0.01
+    assert (cfg.model.moe.capacity_factor, cfg.model.moe.balance_loss) == (1.25, 0.01)
+    assert (cfg.train.optimizer, cfg.train.schedule, cfg.train.beta1) == ("adafactor", "rsqrt", 0)
+    dense, _ = run_config_from_args(args_of("--preset", "nano", "--recipe", "switch",
+                                            "--out", str(tmp_path / "d")))
+    assert dense.model.init == "switch" and not dense.model.moe.enabled
+    assert dense.model.moe.jitter == 0.0  # no experts: the moe fields are left alone
