@@ -78,12 +78,15 @@ def test_a_tiny_sweep_trains_resumes_and_fits(tiny_law, tmp_path, capsys):
         assert 0 < float(row["loss"]) < 7 and float(row["seconds"]) > 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
     assert second["fit"]["approach3"]["objective"] >= 0
-    for name in ("fit.json", "law.json", "isoflop.png", "frontier.png"):
+    for name in ("fit.json", "law.json", "isoflop.png", "frontier.png", "envelope.png"):
         assert (out / name).is_file(), name
 
     assert main(["fit", str(out), "--bootstrap", "0", "--json"]) == 0
     fitted = json.loads(capsys.readouterr().out)
     assert fitted["report"]["n_points"] == 6 and fitted["law"] == str(out / "law.json")
+    # Approach 1 reads the six runs' training curves (about 100 logged rows each).
+    envelope = fitted["report"]["approach1"]["envelope"]
+    assert fitted["report"]["approach1"]["from"] == "training curves" and envelope["runs"] == 6
 
 
 def test_a_changed_plan_is_refused_unless_forced(tiny_law, tmp_path):

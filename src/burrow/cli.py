@@ -291,6 +291,9 @@ def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
                                               "points"), help="model sizes per budget; default 5")
     sweep.add_argument("--span", type=Number(float, low=1, low_open=True),
                        help="sizes run from N_opt/SPAN to N_opt*SPAN; default 3")
+    sweep.add_argument("--horizons", help="approach 1's horizons (Chinchilla §3.1): a count K "
+                       "trains each run also on K-1 shorter cosine cycles, token fractions "
+                       "spaced from 1 to 1/16; or the fractions, e.g. 1,0.25,0.0625; default 1")
     sweep.add_argument("--law", default="chinchilla", help="law whose N_opt centres the sizes")
     sweep.add_argument("--arch", default="llama", choices=("llama", "chinchilla"))
     sweep.add_argument("--out", default="sweeps/s1", help="sweep directory; default sweeps/s1")
@@ -322,6 +325,9 @@ def _add_scaling_commands(commands: argparse._SubParsersAction) -> None:
                      help="resamples for approach 3's intervals; 0 = none; default 200")
     fit.add_argument("--seed", type=COUNT, default=0)
     fit.add_argument("--name", default="fitted", help="name of the fitted law in law.json")
+    fit.add_argument("--smooth-steps", type=COUNT, default=10, metavar="STEPS",
+                     help="Gaussian window over which approach 1 smooths a sweep's training "
+                     "curves (Chinchilla App. D.1: 10); 0 = none")
     fit.add_argument("--out", help="directory for fit.json, law.json and the figures; default "
                      "the sweep directory itself, or fits/NAME for a table NAME.csv (never the "
                      "table's own folder)")

@@ -222,10 +222,11 @@ def format_plan(result: dict[str, Any]) -> str:
 def sweep_settings(args: argparse.Namespace):
     """SweepSettings from `burrow sweep` flags (data paths made absolute)."""
     from burrow.data import resolve_source
-    from burrow.scaling.sweep import SweepSettings, parse_budgets
+    from burrow.scaling.sweep import SweepSettings, parse_budgets, parse_horizons
 
     given = {"budgets": parse_budgets(args.budgets) if args.budgets else None,
-             "sizes": args.sizes, "span": args.span, "vocab_size": args.vocab_size}
+             "sizes": args.sizes, "span": args.span, "vocab_size": args.vocab_size,
+             "horizons": parse_horizons(args.horizons) if args.horizons else None}
     return SweepSettings(law=args.law, arch=args.arch, data=resolve_source(args.data),
                          val_fraction=args.val_fraction, text_field=args.text_field,
                          tokenizer_type=args.tokenizer_type, seq_len=args.seq_len,
@@ -266,11 +267,11 @@ def sweep_command(args: argparse.Namespace) -> int:
 def format_sweep_plan(runs: list) -> str:
     from burrow.scaling.sweep import cpu_peak_flops, estimate_seconds
 
-    header = f"{'name':<22} {'N':>9} {'layers':>6} {'d_model':>7} {'D':>11} {'steps':>6} {'C':>9}"
+    header = f"{'name':<24} {'N':>9} {'layers':>6} {'d_model':>7} {'D':>11} {'steps':>6} {'C':>9}"
     lines = [header]
     for run in runs:
         model = run.config.model
-        lines.append(f"{run.name:<22} {run.params:>9,} {model.n_layers:>6} {model.d_model:>7} "
+        lines.append(f"{run.name:<24} {run.params:>9,} {model.n_layers:>6} {model.d_model:>7} "
                      f"{run.tokens:>11,} {run.steps:>6} {run.flops:>9.3g}")
     peak = cpu_peak_flops(runs[0].config.train.device)
     if peak:
@@ -279,7 +280,9 @@ def format_sweep_plan(runs: list) -> str:
 
 
 def fit_command(args: argparse.Namespace) -> dict[str, Any]:
-    """`burrow fit`: Chinchilla's three approaches on a sweep directory or a table of runs."""
+    """`burrow fit`: Chinchilla's three approaches on a sweep directory (approach 1 on its runs'
+    training curves) or a table of runs (approach 1 on their final losses)."""
+    from burrow.scaling.curves import sweep_curves
     from burrow.scaling.points import parse_columns
     from burrow.scaling.results import fit_and_plot
 
@@ -292,7 +295,9 @@ def fit_command(args: argparse.Namespace) -> dict[str, Any]:
     check_writable_dir(out, "fit directory", "choose another --out")
     result = fit_and_plot(table, out, bootstrap=args.bootstrap, seed=args.seed,
                           columns=parse_columns(args.columns or ""),
-                          drop_highest=args.drop_highest, name=args.name)
+                          drop_highest=args.drop_highest, name=args.name,
+                          curves=sweep_curves(path) if path.is_dir() else None,
+                          smooth_steps=args.smooth_steps)
     if args.json and not args.out and not path.is_dir():  # the text report names it anyway
         print(f"burrow: note: wrote the fit to {out}/ (choose the place with --out)",
               file=sys.stderr)
@@ -313,6 +318,17 @@ def _interval(report: dict[str, Any], key: str) -> str:
     return f" [{low_high[0]:.4g}, {low_high[1]:.4g}]" if low_high else ""
 
 
+def _optimal_points(fit: dict[str, Any]) -> str:
+    """What approach 1 or 2's power laws went through."""
+    envelope = fit.get("envelope")
+    if envelope is None:
+        return f"{len(fit['C'])} optimal points"
+    return (f"{len(fit['C'])} of {envelope['grid_points']} FLOP values on the envelope of "
+            f"{envelope['runs']} training curves, {envelope['sizes']} sizes, smoothed over "
+            f"{envelope['smooth_steps']:g} steps: those after the smallest size's last win and "
+            "before the largest's first")
+
+
 def format_fit(result: dict[str, Any]) -> str:
     report = result["report"]
     lines = [f"runs      {report['source']}: {report['n_points']} runs"]
@@ -324,7 +340,7 @@ def format_fit(result: dict[str, Any]) -> str:
             lines.append(f"{head} skipped: {fit['skipped']}")
         else:
             lines.append(f"{head} a = {fit['a']:.3f}  b = {fit['b']:.3f}  "
-                         f"({len(fit['C'])} optimal points)")
+                         f"({_optimal_points(fit)})")
     third = report["approach3"]
     level = (f" ({third['level']:.0%} bootstrap intervals over {third['resamples']} resamples)"
              if third["intervals"] else "")

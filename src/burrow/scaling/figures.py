@@ -4,7 +4,9 @@
 left); without profiles, every run's loss against N coloured by its FLOPs. `frontier.png`:
 N_opt(C) and D_opt(C) on log-log axes, the points approaches 1 and 2 were fitted through, the
 three approaches' power laws and Chinchilla's published approach-3 law for reference (Figure 3,
-centre and right). Files are written to a temporary name and renamed.
+centre and right). `envelope.png`, when approach 1 read training curves: every smoothed curve in
+grey with the envelope over them, and the envelope's N and D against C with the fitted power laws
+(Figure 2, left, centre and right). Files are written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from burrow.errors import UserError
 from burrow.files import save_figure
+from burrow.scaling.curves import Envelope
 from burrow.scaling.fit import FitReport, FrontierFit
 from burrow.scaling.laws import get_law
 from burrow.scaling.points import Points
@@ -23,14 +26,18 @@ _APPROACH_STYLE = {1: ("tab:blue", "o"), 2: ("tab:orange", "s"), 3: ("tab:green"
 
 
 def plot_fit(report: FitReport, points: Points, out_dir: str | Path) -> list[Path]:
-    """Write isoflop.png and frontier.png into out_dir; returns their paths."""
+    """Write isoflop.png, frontier.png and, from training curves, envelope.png into out_dir;
+    returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [_isoflop(report, points, out_dir / "isoflop.png"),
-            _frontier(report, points, out_dir / "frontier.png")]
+    paths = [_isoflop(report, points, out_dir / "isoflop.png"),
+             _frontier(report, points, out_dir / "frontier.png")]
+    if report.approach1.envelope is not None:
+        paths.append(_envelope(report.approach1, out_dir / "envelope.png"))
+    return paths
 
 
 def _save(figure, path: Path) -> Path:
@@ -104,9 +111,47 @@ def _plot_frontier(axis, fit: FrontierFit, flops: np.ndarray, panel: int) -> Non
     if fit.skipped is not None:
         return
     colour, marker = _APPROACH_STYLE[fit.approach]
-    axis.scatter(fit.C, fit.N if panel == 0 else fit.D, color=colour, marker=marker, s=14,
-                 alpha=0.7)
+    axis.scatter(fit.C, fit.N if panel == 0 else fit.D, color=colour, marker=marker,
+                 s=14 if len(fit.C) < 100 else 3, alpha=0.7)
     coef, exponent = (fit.n_coef, fit.a) if panel == 0 else (fit.d_coef, fit.b)
     axis.plot(flops, coef * flops**exponent, color=colour,
               label=f"approach {fit.approach} (a = {fit.a:.3f})" if panel == 0
               else f"approach {fit.approach} (b = {fit.b:.3f})")
+
+
+def _envelope(fit: FrontierFit, path: Path) -> Path:
+    """Chinchilla's Figure 2: the curves and their envelope; N_opt(C) and D_opt(C) read off it."""
+    import matplotlib.pyplot as plt
+
+    envelope: Envelope = fit.envelope
+    figure, axes = plt.subplots(1, 3, figsize=(15.0, 4.6), dpi=110)
+    for curve, loss in zip(envelope.curves, envelope.smoothed):
+        axes[0].plot(curve.flops, loss, color="0.75", linewidth=0.8)
+    covered = envelope.covered
+    axes[0].plot(envelope.C[covered], envelope.loss[covered], color="tab:blue", linewidth=2,
+                 label="envelope: lowest smoothed loss per FLOP")
+    axes[0].set_ylim(top=np.percentile(np.concatenate(envelope.smoothed), 95))
+    axes[0].set_ylabel("smoothed training loss")
+    axes[0].set_title(f"{len(envelope.curves)} training curves, smoothed over "
+                      f"{envelope.window:g} steps", fontsize=10)
+    axes[0].legend(fontsize=8)
+    for panel, (axis, values, label) in enumerate(zip(axes[1:], (envelope.N, envelope.D),
+                                                      ("N_opt (parameters)", "D_opt (tokens)"))):
+        axis.scatter(envelope.C[covered], values[covered], color="0.75", s=3,
+                     label="envelope, not fitted (the smallest or largest size's stretch)")
+        if fit.skipped is None:
+            axis.scatter(fit.C, fit.N if panel == 0 else fit.D, color="tab:blue", s=3,
+                         label="envelope, fitted")
+            coef, exponent = (fit.n_coef, fit.a) if panel == 0 else (fit.d_coef, fit.b)
+            flops = np.geomspace(envelope.C[0], envelope.C[-1], 50)
+            axis.plot(flops, coef * flops**exponent, color="black", linewidth=1,
+                      label=f"{coef:.3g} C^{exponent:.3f}")
+        axis.set_yscale("log")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    for axis in axes:
+        axis.set_xscale("log")
+        axis.set_xlabel("training FLOPs C = 6ND")
+    if fit.skipped is not None:
+        figure.suptitle(f"approach 1 skipped: {fit.skipped}", fontsize=9)
+    return _save(figure, path)

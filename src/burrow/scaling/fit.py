@@ -1,15 +1,17 @@
 """Chinchilla's three ways to find the compute-optimal frontier from a table of runs (§3.1-3.3).
 
 1. The envelope (§3.1): the runs with the lowest loss for their FLOPs, and power laws
-   N_opt = k C^a, D_opt = k' C^b through them.
+   N_opt = k C^a, D_opt = k' C^b through them. From a sweep's training curves (`curves.py`) as
+   the paper did it, or from a table's final losses.
 2. IsoFLOP profiles (§3.2): runs with the same budget, a parabola of loss in log N through each
    profile, its vertex the N_opt of that budget, and power laws through the vertices.
 3. The parametric loss (§3.3, Appendix D.2): `parametric.fit_parametric`.
 
-Chinchilla's approach 1 reads the envelope off whole training curves; a table of final losses
-has one point per run, so here a run is on the envelope when no run with fewer or equal FLOPs
-has a lower loss. An approach whose runs do not have the structure it needs (too few envelope
-points, no IsoFLOP profiles) is reported as skipped, with the reason, instead of failing.
+Chinchilla's approach 1 reads the envelope off whole training curves, which a sweep directory
+has (`curve_envelope_fit`). A table of final losses has one point per run, so there a run is on
+the envelope when no run with fewer or equal FLOPs has a lower loss (`envelope_fit`). An
+approach whose runs do not have the structure it needs (too few envelope points, no IsoFLOP
+profiles) is reported as skipped, with the reason, instead of failing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from burrow.errors import UserError
+from burrow.scaling.curves import GRID_POINTS, SMOOTH_STEPS, Curve, Envelope, lower_envelope
 from burrow.scaling.laws import CHINCHILLA_PAPER, ScalingLaw
 from burrow.scaling.parametric import ParametricFit, fit_parametric
 from burrow.scaling.points import Points
@@ -65,6 +68,8 @@ class FrontierFit:
     # Why the approach could not be applied to these runs; None when it was.
     skipped: str | None = None
     profiles: list[Profile] = field(default_factory=list)
+    # Approach 1 from training curves: their lower envelope (None: from final losses).
+    envelope: Envelope | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"approach": self.approach, "skipped": self.skipped, "a": self.a,
@@ -72,6 +77,13 @@ class FrontierFit:
                                "C": self.C.tolist(), "N": self.N.tolist(), "D": self.D.tolist()}
         if self.approach == 2:
             out["profiles"] = [profile.to_dict() for profile in self.profiles]
+        if self.approach == 1:
+            out["from"] = "final losses" if self.envelope is None else "training curves"
+        if self.envelope is not None:
+            out["envelope"] = {"runs": len(self.envelope.curves),
+                               "sizes": len({curve.N for curve in self.envelope.curves}),
+                               "grid_points": len(self.envelope.C),
+                               "smooth_steps": self.envelope.window}
         return out
 
 
@@ -114,6 +126,39 @@ def envelope_fit(points: Points) -> FrontierFit:
                            skipped=f"{len(keep)} run(s) on the loss-per-FLOP envelope; "
                                    f"approach 1 needs {MIN_ENVELOPE} at different budgets")
     return _frontier(1, points.C[keep], points.N[keep])
+
+
+def curve_envelope_fit(curves: list[Curve], grid_points: int = GRID_POINTS,
+                       smooth_steps: float = SMOOTH_STEPS) -> FrontierFit:
+    """Approach 1 as §3.1 did it: power laws through the lower envelope of the smoothed curves.
+
+    The power laws go through the stretch of the envelope after the smallest model's last win
+    and before the largest model's first: where the smallest model wins, the envelope says only
+    that N_opt is at most that size, and below that FLOP count the winners are early, unfinished
+    steps of runs; past the largest model's first win, likewise. Those flat ends would pull the
+    slope towards 0 (approach 2 likewise drops a parabola whose minimum lies outside the sizes
+    tried).
+    """
+    envelope = lower_envelope(curves, grid_points, smooth_steps)
+    sizes = np.array([curve.N for curve in curves])
+    winner = envelope.N  # the size that wins at each FLOP value
+    index = np.arange(len(winner))
+    smallest_wins = index[winner == sizes.min()]
+    start = smallest_wins[-1] + 1 if smallest_wins.size else 0
+    largest_wins = index[(winner == sizes.max()) & (index >= start)]
+    stop = largest_wins[0] if largest_wins.size else len(winner)
+    inside = envelope.covered & (index >= start) & (index < stop)
+    winners = np.unique(winner[inside])
+    if len(winners) < 2:
+        empty = np.empty(0)
+        return FrontierFit(1, empty, empty, empty, envelope=envelope,
+                           skipped=f"{len(winners)} model size(s) win the envelope of "
+                                   f"{len(curves)} training curves ({len(np.unique(sizes))} "
+                                   "sizes) between the smallest size's last win and the "
+                                   "largest's first; approach 1 needs 2")
+    fit = _frontier(1, envelope.C[inside], envelope.N[inside])
+    fit.envelope = envelope
+    return fit
 
 
 def isoflop_profiles(points: Points, tolerance: float = ISOFLOP_TOLERANCE,
@@ -212,16 +257,21 @@ class FitReport:
 
 
 def fit_all(points: Points, *, bootstrap: int = 200, level: float = 0.8, seed: int = 0,
-            tolerance: float = ISOFLOP_TOLERANCE,
-            min_sizes: int = MIN_PROFILE_SIZES) -> FitReport:
+            tolerance: float = ISOFLOP_TOLERANCE, min_sizes: int = MIN_PROFILE_SIZES,
+            curves: list[Curve] | None = None,
+            smooth_steps: float = SMOOTH_STEPS) -> FitReport:
     """Chinchilla's approaches 1, 2 and 3 on `points`.
 
     `bootstrap` resamples give approach 3's intervals at `level` (0.8: 10th-90th percentiles,
     as Chinchilla's Table 2); `tolerance` and `min_sizes` say which runs form an IsoFLOP
-    profile (budgets within ±tolerance, at least min_sizes model sizes).
+    profile (budgets within ±tolerance, at least min_sizes model sizes). With the runs'
+    training `curves`, approach 1 is their envelope (smoothed over `smooth_steps` steps);
+    without, the envelope of the final losses.
     """
+    approach1 = (envelope_fit(points) if curves is None
+                 else curve_envelope_fit(curves, smooth_steps=smooth_steps))
     return FitReport(source=points.source, n_points=len(points),
-                     approach1=envelope_fit(points),
+                     approach1=approach1,
                      approach2=isoflop_fit(points, tolerance, min_sizes),
                      approach3=fit_parametric(points, bootstrap=bootstrap, level=level,
                                               seed=seed))

@@ -1,5 +1,6 @@
 """A sweep's results: the table of finished runs, and the fit of Chinchilla's three approaches
-with its figures once the table has two IsoFLOP profiles of three sizes each.
+(approach 1 on the runs' training curves) with its figures once the table has two IsoFLOP
+profiles of three sizes each.
 
 Everything is rewritten after each finished run, atomically (a temporary file renamed), so a
 reader, or a sweep killed mid-write, never sees half a table.
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from burrow.files import write_text
+from burrow.scaling.curves import SMOOTH_STEPS, sweep_curves
 from burrow.scaling.fit import MIN_PROFILE_SIZES
 from burrow.scaling.points import MIN_POINTS
 
-COLUMNS = ("budget", "name", "N", "D", "C", "loss", "train_loss", "steps", "seconds",
-           "n_layers", "d_model", "n_heads", "total_params")
+COLUMNS = ("budget", "horizon", "name", "N", "D", "C", "loss", "train_loss", "steps",
+           "seconds", "n_layers", "d_model", "n_heads", "total_params")
 # Bootstrap resamples of the fit redone after every run: enough for rough intervals, cheap.
 SWEEP_BOOTSTRAP = 50
 
@@ -53,13 +55,16 @@ def ready_to_fit(rows: list[dict[str, Any]]) -> bool:
 
 def fit_and_plot(table: Path, out: Path, *, bootstrap: int, seed: int = 0,
                  columns: dict[str, str] | None = None, drop_highest: int = 0,
-                 name: str = "fitted") -> dict[str, Any]:
-    """Fit the three approaches to the runs in `table`; write fit.json, law.json and figures."""
+                 name: str = "fitted", curves: list | None = None,
+                 smooth_steps: float = SMOOTH_STEPS) -> dict[str, Any]:
+    """Fit the three approaches to the runs in `table` (approach 1 to their training `curves`
+    when given); write fit.json, law.json and figures."""
     from burrow.scaling.fit import fit_all
     from burrow.scaling.points import load_points
 
     points = load_points(table, columns=columns, drop_highest=drop_highest)
-    report = fit_all(points, bootstrap=bootstrap, seed=seed)
+    report = fit_all(points, bootstrap=bootstrap, seed=seed, curves=curves,
+                     smooth_steps=smooth_steps)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "fit.json", json.dumps(report.to_dict(), indent=1) + "\n")
     report.law(name).save(out / "law.json")
@@ -80,6 +85,7 @@ def update_results(out: Path, runs: list) -> dict[str, Any]:
     write_table(out, rows)
     result: dict[str, Any] = {"results": rows, "figures": []}
     if ready_to_fit(rows):
-        fitted = fit_and_plot(out / "results.csv", out, bootstrap=SWEEP_BOOTSTRAP)
+        fitted = fit_and_plot(out / "results.csv", out, bootstrap=SWEEP_BOOTSTRAP,
+                              curves=sweep_curves(out))
         result.update(fit=fitted["report"], figures=fitted["figures"])
     return result

@@ -14,6 +14,15 @@ A sweep directory holds sweep.json (the plan, written first), runs/NAME/ (one ru
 each, with result.json once finished), results.csv and results.jsonl (rewritten after each run),
 and the figures. Running the same command again skips finished runs and resumes an interrupted
 one from its checkpoint.
+
+Horizons (Chinchilla approach 1, §3.1 and Figure 2): "for each parameter count N we train 4
+different models, decaying the learning rate by a factor of 10x over a horizon (measured in number
+of training tokens) that ranges by a factor of 16x". With `horizons` (token multipliers, e.g.
+`horizon_multipliers(4)` = 1, 16^-1/3, 16^-2/3, 1/16) each run of the IsoFLOP plan gets siblings,
+the same model on those fractions of its tokens, each with a cosine schedule over its own steps.
+The IsoFLOP run is the longest horizon, so approach 2's profiles stay as they are, and the
+siblings of one budget (C x m FLOPs each) form IsoFLOP profiles of their own. Every run logs its
+training loss about CURVE_POINTS times: the curves approach 1's envelope is built from.
 """
 
 from __future__ import annotations
@@ -49,6 +58,11 @@ OVERHEAD_FLOPS_PER_TOKEN = 6e5
 EFFICIENCY = 0.63
 RUN_SECONDS = 3.0
 STEP_SECONDS = 2e-3
+# Training-loss rows a run logs (each the mean of the steps since the last one): the points of
+# the curve approach 1 reads; the rest of a run's steps are averaged into them.
+CURVE_POINTS = 100
+# Chinchilla §3.1: a model's horizons range over a factor of 16 in training tokens.
+HORIZON_RANGE = 16.0
 
 
 @dataclass(frozen=True)
@@ -72,10 +86,20 @@ class SweepSettings:
     eval_tokens: int = 65536
     seed: int = 0
     device: str = "auto"
+    # Fractions of each IsoFLOP run's tokens trained as runs of their own (approach 1's
+    # horizons, §3.1); (1.0,) = the IsoFLOP runs only.
+    horizons: tuple[float, ...] = (1.0,)
 
     def validate(self) -> None:
         if not self.budgets:
             raise UserError("--budgets needs at least one budget, e.g. --budgets 1e12,3e12")
+        if not self.horizons or any(not (math.isfinite(m) and 0 < m <= 1)
+                                    for m in self.horizons):
+            raise UserError(f"--horizons takes a count such as 4, or token fractions in (0, 1] "
+                            f"such as 1,0.25,0.0625, got {','.join(map(str, self.horizons))}")
+        if len(set(self.horizons)) != len(self.horizons):
+            raise UserError("--horizons lists a fraction twice: "
+                            f"{','.join(map(str, self.horizons))}")
         for value in self.budgets:
             if not (math.isfinite(value) and value > 0):
                 raise UserError(f"--budgets must be positive FLOPs, got {value:g}")
@@ -92,7 +116,8 @@ class SweepSettings:
 
 @dataclass(frozen=True)
 class SweepRun:
-    """One planned run: its budget, size, tokens and full config."""
+    """One planned run: its budget, size, tokens and full config; `horizon` is the fraction of
+    the IsoFLOP run's tokens it trains (1: the IsoFLOP run itself), `budget` its own C."""
 
     name: str
     budget: float
@@ -101,6 +126,7 @@ class SweepRun:
     steps: int
     tokens: int
     config: RunConfig
+    horizon: float = 1.0
 
     @property
     def flops(self) -> float:
@@ -108,9 +134,9 @@ class SweepRun:
         return 6.0 * self.params * self.tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "budget": self.budget, "target_params": self.target_params,
-                "params": self.params, "steps": self.steps, "tokens": self.tokens,
-                "flops": self.flops, "config": self.config.to_dict()}
+        return {"name": self.name, "budget": self.budget, "horizon": self.horizon,
+                "target_params": self.target_params, "params": self.params, "steps": self.steps,
+                "tokens": self.tokens, "flops": self.flops, "config": self.config.to_dict()}
 
 
 def parse_budgets(text: str) -> tuple[float, ...]:
@@ -121,6 +147,30 @@ def parse_budgets(text: str) -> tuple[float, ...]:
         raise UserError(f"--budgets takes comma-separated FLOPs such as 1e12,3e12,1e13, got "
                         f"{text!r}") from None
     return tuple(sorted(values))
+
+
+def horizon_multipliers(count: int) -> tuple[float, ...]:
+    """`count` token fractions spaced log-uniformly from 1 down to 1/16 (§3.1: horizons over a
+    16x range); 4 -> (1, 0.397, 0.157, 0.0625); 1 -> (1,)."""
+    if count < 1:
+        raise UserError(f"--horizons must be at least 1, got {count}")
+    if count == 1:
+        return (1.0,)
+    return tuple(HORIZON_RANGE ** (-j / (count - 1)) for j in range(count))
+
+
+def parse_horizons(text: str) -> tuple[float, ...]:
+    """'4' -> horizon_multipliers(4); '1,0.5,0.25' -> (1, 0.5, 0.25), largest first."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if "," not in text and len(values) == 1 and values[0].is_integer():
+        return horizon_multipliers(int(values[0]))
+    if not values:
+        raise UserError(f"--horizons takes a count such as 4, or token fractions such as "
+                        f"1,0.25,0.0625, got {text!r}")
+    return tuple(sorted(values, reverse=True))
 
 
 def _budget_name(budget: float) -> str:
@@ -135,7 +185,8 @@ def _train_config(settings: SweepSettings, steps: int) -> TrainConfig:
                        warmup_steps=max(1, round(0.05 * steps)), schedule="cosine",
                        min_lr_ratio=0.1, eval_every=0, eval_tokens=settings.eval_tokens,
                        save_every=max(1, steps // 4), keep_checkpoints=1,
-                       log_every=max(1, steps // 4), seed=settings.seed, device=settings.device)
+                       log_every=max(1, steps // CURVE_POINTS), seed=settings.seed,
+                       device=settings.device)
 
 
 def plan_sweep(settings: SweepSettings) -> list[SweepRun]:
@@ -164,16 +215,27 @@ def plan_sweep(settings: SweepSettings) -> list[SweepRun]:
             raise UserError(f"budget {budget:g}: the sizes collapse onto {len(shapes)} distinct "
                             "shapes; raise the budget or --span")
         for params, (target, model) in sorted(shapes.items()):
-            steps = round(budget / (6.0 * params) / settings.batch_tokens)
-            if steps < MIN_STEPS:
-                raise UserError(f"budget {budget:g} buys a {params:,}-parameter model only "
-                                f"{steps} steps of {settings.batch_tokens} tokens; raise the "
-                                f"budget or lower --batch-tokens (at least {MIN_STEPS} steps)")
-            config = RunConfig(model=model, train=_train_config(settings, steps), data=data,
-                               preset=f"sweep-{settings.arch}")
-            runs.append(SweepRun(f"C{_budget_name(budget)}_N{params}", budget, target, params,
-                                 steps, steps * settings.batch_tokens, config))
+            runs += [_plan_run(settings, data, budget, horizon, target, params, model)
+                     for horizon in settings.horizons]
     return runs
+
+
+def _plan_run(settings: SweepSettings, data: DataConfig, budget: float, horizon: float,
+              target: float, params: int, model) -> SweepRun:
+    """The run of `model` on `horizon` x the tokens that `budget` buys it, whole steps."""
+    own_budget = budget * horizon
+    steps = round(own_budget / (6.0 * params) / settings.batch_tokens)
+    if steps < MIN_STEPS:
+        where = f" at horizon {horizon:.3g}" if horizon != 1 else ""
+        raise UserError(f"budget {budget:g}{where} buys a {params:,}-parameter model only "
+                        f"{steps} steps of {settings.batch_tokens} tokens; raise the budget or "
+                        f"lower --batch-tokens (at least {MIN_STEPS} steps)"
+                        + (", or use fewer or longer --horizons" if horizon != 1 else ""))
+    name = f"C{_budget_name(budget)}_N{params}" + (f"_h{horizon:.3g}" if horizon != 1 else "")
+    config = RunConfig(model=model, train=_train_config(settings, steps), data=data,
+                       preset=f"sweep-{settings.arch}")
+    return SweepRun(name, own_budget, target, params, steps, steps * settings.batch_tokens,
+                    config, horizon)
 
 
 def estimate_seconds(runs: list[SweepRun], peak_flops: float) -> float:
@@ -201,7 +263,8 @@ def open_sweep(out: Path, settings: SweepSettings, runs: list[SweepRun], *,
     path = out / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("runs") == manifest["runs"]:
+        if _plan_key(old.get("runs", [])) == _plan_key(manifest["runs"]):
+            _write_json(path, manifest)
             return
         if not force:
             raise UserError(f"{out} holds a different sweep ({_difference(old, manifest)}); "
@@ -212,6 +275,17 @@ def open_sweep(out: Path, settings: SweepSettings, runs: list[SweepRun], *,
                 shutil.rmtree(out / "runs" / run["name"], ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(path, manifest)
+
+
+def _plan_key(runs: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """What makes two plans the same: each run's name and config, except how often it logs
+    (a sweep planned when runs logged 4 times, before approach 1 read the curves, continues)."""
+    key = []
+    for run in runs:
+        config = json.loads(json.dumps(run["config"]))
+        config.get("train", {}).pop("log_every", None)
+        key.append((run["name"], config))
+    return key
 
 
 def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -267,10 +341,13 @@ def _overview(runs: list[SweepRun], pending: list[SweepRun], settings: SweepSett
     else:
         when = f"estimated {format_duration(estimate)}"
     budgets = ", ".join(_budget_name(b) for b in settings.budgets)
+    horizons = (f"; each on {len(settings.horizons)} horizons, token fractions "
+                f"{', '.join(f'{m:.3g}' for m in settings.horizons)}"
+                if settings.horizons != (1.0,) else "")
     return (f"sweep {out}: {len(runs)} runs ({len(settings.budgets)} budgets: {budgets}; "
             f"{settings.sizes} sizes each from N_opt/{settings.span:g} to "
-            f"N_opt*{settings.span:g} under the {settings.law} law); {len(runs) - len(pending)} "
-            f"finished, {len(pending)} to train, {when}")
+            f"N_opt*{settings.span:g} under the {settings.law} law{horizons}); "
+            f"{len(runs) - len(pending)} finished, {len(pending)} to train, {when}")
 
 
 def _data_note(runs: list[SweepRun], verbose: bool) -> str:
@@ -355,7 +432,8 @@ def _train_run(run: SweepRun, run_dir: Path, *, verbose: bool) -> dict[str, Any]
         raise UserError(f"{run_dir}: the data has no held-out documents to measure the loss "
                         "on; raise --val-fraction or add files")
     model = run.config.model
-    result = {"budget": run.budget, "name": run.name, "N": run.params, "D": run.tokens,
+    result = {"budget": run.budget, "horizon": run.horizon, "name": run.name, "N": run.params,
+              "D": run.tokens,
               "C": run.flops, "loss": summary["val"]["loss"],
               "train_loss": summary["train_losses"][-1], "steps": summary["step"],
               "seconds": round(seconds, 2), "n_layers": model.n_layers,
