@@ -88,6 +88,8 @@ class TrainConfig:
     device: str = "auto"
     # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or "bf16".
     precision: str = "auto"
+    # Parameters stored in "fp32" (master weights) or "bf16", updated by stochastic rounding.
+    param_dtype: str = "fp32"
     # Data parallelism under torchrun: "none", "ddp" or "fsdp" (FSDP2, sharded checkpoints).
     parallel: str = "none"
     # Split each block's heads and hidden units and the vocabulary over this many ranks
@@ -144,6 +146,8 @@ class TrainConfig:
         check_choice(self.optimizer, ("adamw", "adafactor"), "train.optimizer")
         check_positive(self.beta2_decay, "train.beta2_decay")
         check_choice(self.precision, ("auto", "fp32", "bf16"), "train.precision")
+        check_choice(self.param_dtype, ("fp32", "bf16"), "train.param_dtype")
+        self.check_bf16_parameters()
         check_choice(self.parallel, ("none", "ddp", "fsdp"), "train.parallel")
         check_choice(self.pipeline_schedule, ("1f1b", "gpipe"), "train.pipeline_schedule")
         self.checkpointed(None)
@@ -157,6 +161,18 @@ class TrainConfig:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise UserError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+    def check_bf16_parameters(self) -> None:
+        """bf16 parameters compute in bf16, and their update swaps each parameter's storage for
+        the step (train/stochastic_rounding.py), which sharded (DTensor) parameters forbid."""
+        if self.param_dtype != "bf16":
+            return
+        if self.precision == "fp32":
+            raise UserError("train.param_dtype=bf16 computes in bf16: set train.precision to "
+                            "auto or bf16, or train.param_dtype to fp32")
+        if self.parallel == "fsdp" or self.tensor_parallel > 1 or self.pipeline_parallel > 1:
+            raise UserError("train.param_dtype=bf16 trains with --parallel none or ddp, without "
+                            "tensor or pipeline parallelism; use param_dtype fp32 with these")
 
     def checkpointed(self, n_layers: int | None) -> frozenset[int]:
         """The blocks checkpoint_layers names, of a model with `n_layers` (None: only check

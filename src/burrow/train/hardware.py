@@ -167,9 +167,11 @@ def measure_matmul_flops(m: int = 1024, k: int = 1024, n: int = 1024, *,
     return calls * flops_per_matmul / best
 
 
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default (fp32 master weights); fp32 elsewhere."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+def autocast_for(device: torch.device, precision: str, param_dtype: str = "fp32"):
+    """bf16 autocast on CUDA by default (fp32 master weights); fp32 elsewhere. bf16 parameters
+    compute in bf16 on every device (a CPU without bf16 units emulates it, slowly)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and (device.type == "cuda"
+                                                                or param_dtype == "bf16"))
     if not use_bf16:
         return None
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from burrow.config import TrainConfig
+from burrow.train.stochastic_rounding import round_stochastically
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -17,7 +18,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     (Transformer-XL's u and v, Switch routers: see each module for why).
 
     Gopher trained with Adam, which is AdamW with weight_decay=0; Chinchilla with AdamW; PaLM
-    with Adafactor, not factored (train/adafactor.py).
+    with Adafactor, not factored (train/adafactor.py). With cfg.param_dtype "bf16" the model's
+    parameters are bf16 and each step is rounded back into them stochastically (Gopher 7.1B and
+    280B), its moments float32.
     """
     exempt = {id(parameter) for module in model.modules()
               if hasattr(module, "no_weight_decay") for parameter in module.no_weight_decay()}
@@ -31,8 +34,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "adafactor":
         from burrow.train.adafactor import Adafactor
 
-        return Adafactor(groups, lr=cfg.lr, beta1=cfg.beta1, beta2_decay=cfg.beta2_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        optimizer = Adafactor(groups, lr=cfg.lr, beta1=cfg.beta1, beta2_decay=cfg.beta2_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      eps=cfg.eps)
+    if cfg.param_dtype == "bf16":  # Gopher 7.1B and 280B (train/stochastic_rounding.py)
+        optimizer = round_stochastically(optimizer, cfg.seed)
+    return optimizer
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:

@@ -69,6 +69,7 @@ from burrow.train.rundir import (
     write_run_files,
 )
 from burrow.train.spikes import SpikeDetector, rollback_target
+from burrow.train.stochastic_rounding import store_in_bf16
 
 SAMPLE_PROMPT = "def "
 
@@ -91,7 +92,7 @@ class Trainer:
         self.batches = BatchSchedule.for_train(cfg.train, self.dims.dp_degree)
         self.runtime = init_runtime(cfg.train.device, cfg.train.parallel)
         self.device = self.runtime.device
-        self.autocast = autocast_for(self.device, cfg.train.precision)
+        self.autocast = autocast_for(self.device, cfg.train.precision, cfg.train.param_dtype)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stop_signal: int | None = None
         self.step = 0
@@ -133,6 +134,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
         self.prepare_model()
+        if cfg.train.param_dtype == "bf16":  # Gopher 7.1B and 280B: no float32 master weights
+            store_in_bf16(self.model)
         self.wrap_model()
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.loader = BatchLoader(self.train_data, self.micro_batch_size, cfg.train.seq_len,
