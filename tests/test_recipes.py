@@ -192,3 +192,18 @@ def test_the_switch_recipe_sets_switchs_model_fields_and_skips_them_on_a_dense_m
                                             "--out", str(tmp_path / "d")))
     assert dense.model.init == "switch" and not dense.model.moe.enabled
     assert dense.model.moe.jitter == 0.0  # no experts: the moe fields are left alone
+
+
+def test_gopher_7b_keeps_bf16_parameters_on_cuda_and_says_why_not_elsewhere():
+    recipe = recipes.get("gopher-7.1b")
+    on_gpu = recipes.scale(recipe, batch_tokens=4096, max_steps=100, granularity=4096,
+                           device_type="cuda")
+    assert on_gpu.train["param_dtype"] == "bf16"
+    on_cpu = recipes.scale(recipe, batch_tokens=4096, max_steps=100, granularity=4096)
+    assert "param_dtype" not in on_cpu.train and any("float32" in line for line in on_cpu.lines)
+    sharded = recipes.scale(recipe, batch_tokens=4096, max_steps=100, granularity=4096,
+                            device_type="cuda", sharded=True)
+    assert "param_dtype" not in sharded.train
+    small = recipes.scale(recipes.get("gopher-44m"), batch_tokens=4096, max_steps=100,
+                          granularity=4096, device_type="cuda")
+    assert "param_dtype" not in small.train

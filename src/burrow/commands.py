@@ -96,7 +96,9 @@ def with_recipe(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     granularity = train.micro_batch_size * train.seq_len
     scaled = recipes.scale(recipe, batch_tokens=train.batch_tokens, max_steps=train.max_steps,
                            granularity=granularity, keep=explicit_fields(args),
-                           device_type=_device_type(train.device))
+                           device_type=_device_type(train.device),
+                           sharded=(train.parallel == "fsdp" or train.tensor_parallel > 1
+                                    or train.pipeline_parallel > 1))
     raw = cfg.to_dict()
     raw["train"].update(scaled.train)
     result = RunConfig.from_dict(raw)

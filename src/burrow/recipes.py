@@ -48,8 +48,8 @@ class Recipe:
     ramp: tuple[tuple[int, int], ...] = ()
     # ModelConfig fields the recipe sets (loss terms, dropout), not the model's shape.
     model: dict[str, Any] = field(default_factory=dict)
-    # "bf16": the paper kept its parameters in bfloat16 (stochastic rounding); burrow keeps
-    # fp32 master weights and computes in bf16 under autocast on CUDA.
+    # "bf16": the paper kept its parameters in bfloat16, updated with stochastic rounding
+    # (train.param_dtype=bf16 on CUDA; float32 master weights elsewhere, said when applied).
     parameters: str = "fp32"
     # What the paper leaves open and burrow chose, or what burrow does differently.
     notes: str = ""
@@ -165,7 +165,8 @@ class Scaled:
 
 
 def scale(recipe: Recipe, *, batch_tokens: int, max_steps: int, granularity: int,
-          keep: frozenset[str] = frozenset(), device_type: str = "cpu") -> Scaled:
+          keep: frozenset[str] = frozenset(), device_type: str = "cpu",
+          sharded: bool = False) -> Scaled:
     """The recipe's fields for a run of `max_steps` steps whose first batch is `batch_tokens`.
 
     Fields named in `keep` (set on the command line) are left to the run. Step counts
@@ -194,11 +195,18 @@ def scale(recipe: Recipe, *, batch_tokens: int, max_steps: int, granularity: int
     else:
         lines.append(f"  batch {recipe.batch_tokens:,} tokens -> {batch_tokens:,} (the run's)")
     model = {key: value for key, value in recipe.model.items() if f"model.{key}" not in keep}
-    if recipe.parameters == "bf16":
-        lines.append("  parameters: the paper kept them in bfloat16; burrow keeps float32 "
-                     "master weights" + (" and computes in bf16 (autocast)"
-                                         if device_type == "cuda" else
-                                         " and computes in float32 on this device"))
+    if recipe.parameters == "bf16" and "param_dtype" not in keep:
+        # Gopher §3: bfloat16 parameters updated with stochastic rounding (train.param_dtype).
+        # Where the device has no bf16 arithmetic (this CPU build) or the layout shards
+        # parameters, float32 master weights stand in, as Chinchilla's Appendix G keeps them.
+        if device_type == "cuda" and not sharded:
+            train["param_dtype"] = "bf16"
+            lines.append("  parameters: bfloat16, updated with stochastic rounding (Gopher §3)")
+        else:
+            why = ("FSDP, tensor and pipeline parallelism shard the parameters" if sharded
+                   else f"{device_type} has no bf16 arithmetic")
+            lines.append(f"  parameters: the paper kept them in bfloat16 with stochastic "
+                         f"rounding; {why}, so float32 (--param-dtype bf16 forces it)")
     if keep & set(recipe.train):
         kept = ", ".join(sorted(keep & set(recipe.train)))
         lines.append(f"  kept from the command line: {kept}")
