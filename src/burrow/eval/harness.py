@@ -98,6 +98,17 @@ class BurrowLM(TemplateLM):
         self._max_length = min(max_length or self.cfg.max_seq_len, self.cfg.max_seq_len)
         self.seed = seed
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None
+                               ) -> BurrowLM:
+        """From `lm_eval run --model burrow --model_args run=RUN,...`."""
+        return super().create_from_arg_string(arg_string, _available(additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict | None = None) -> BurrowLM:
+        return super().create_from_arg_obj(arg_dict, _available(additional_config))
+
     # -- what the harness asks of every model ------------------------------------------------
 
     @property
@@ -240,6 +251,15 @@ class BurrowLM(TemplateLM):
         prompt = prompt[-(self.max_length - new_tokens):]
         return ((len(prompt), new_tokens, temperature, top_k, top_p), prompt,
                 [stop for stop in until if stop])
+
+
+def _available(config: dict | None) -> dict:
+    """The harness's command line asks for cuda:0 unless told otherwise; where there is no
+    GPU, the CPU it is, as with its HF backend."""
+    config = dict(config or {})
+    if str(config.get("device") or "").startswith("cuda") and not torch.cuda.is_available():
+        config["device"] = "cpu"
+    return config
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
