@@ -123,7 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "without retrieval (same tokenizer) evaluated on the same chunks")
     evaluate.add_argument("--plot", metavar="PATH", help="with --retro-db: the PNG of bits per "
                           "byte against the overlap alpha; default RUN/filtered_bpb.png")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--tasks", help="instead: lm-evaluation-harness tasks, comma-"
+                          "separated (stdlib_docstrings is local; hellaswag, arc_easy ... need "
+                          "the network once); needs the eval extra (docs/evaluation.md)")
+    evaluate.add_argument("--num-fewshot", type=COUNT, help="with --tasks: examples in each "
+                          "prompt; default each task's")
+    evaluate.add_argument("--limit", type=POSITIVE, help="with --tasks: at most this many "
+                          "documents per task (below 1: that fraction of them)")
+    evaluate.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                          help="with --tasks: a directory of harness task YAML files to search "
+                          "too (repeatable)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object (with "
+                          "--tasks, the harness's results object)")
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model")
     generate.add_argument("run", help="run directory")

@@ -39,6 +39,11 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
         resolve_source,
         tokenize_source,
     )
+    if getattr(args, "tasks", None) is not None:
+        return tasks_command(args)
+    if getattr(args, "num_fewshot", None) is not None or getattr(args, "limit", None) or (
+            getattr(args, "include_path", None)):
+        raise UserError("--num-fewshot, --limit and --include-path need --tasks TASKS")
     from burrow.eval import compressor_bits_per_byte, evaluate, split_text
     from burrow.run import load_run, prepared_data_of
 
@@ -97,6 +102,28 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
     return {**result, **compressor_bits_per_byte(text), "data": described}
 
 
+def tasks_command(args: argparse.Namespace) -> dict[str, Any]:
+    """`burrow eval RUN --tasks ...`: the harness's results object for the run's model on the
+    tasks (eval/tasks.py), with --num-fewshot, --limit and --include-path passed through."""
+    from burrow.eval.tasks import evaluate_tasks, parse_tasks, require_harness
+
+    require_harness()
+    tasks = parse_tasks(args.tasks)
+    for flag in ("data", "max_tokens", "retro_db", "k", "baseline", "plot"):
+        if getattr(args, flag, None) is not None:
+            raise UserError(f"--{flag.replace('_', '-')} does not apply to --tasks: the tasks "
+                            "bring their own data")
+    from burrow.eval.harness import BurrowLM
+
+    lm = BurrowLM(args.run, device=args.device, batch_size=args.batch_size)
+    if lm.cfg.retro is not None:
+        print(f"burrow: note: {args.run} is a RETRO model; the tasks are evaluated without "
+              "retrieval", file=sys.stderr)
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    return evaluate_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit,
+                          include_paths=args.include_path)
+
+
 def _check_retro_eval(args: argparse.Namespace, cfg: RunConfig, tokenizer: Any,
                       device: torch.device) -> tuple[Path | None, tuple[Path, Any, int] | None]:
     """Refuse, before any work, what `eval --retro-db` cannot do: a model without retrieval,
@@ -145,6 +172,10 @@ def _check_retro_eval(args: argparse.Namespace, cfg: RunConfig, tokenizer: Any,
 
 
 def format_eval(result: dict[str, Any]) -> str:
+    if "results" in result:  # --tasks: the harness's results object
+        from burrow.eval.tasks import format_results
+
+        return format_results(result)
     text = (f"{result['data']}: {result['tokens']:,} tokens, {result['bytes']:,} bytes\n"
             f"loss        {result['loss']:.4f} nats/token\n"
             f"perplexity  {result['perplexity']:.2f}\n"

@@ -74,6 +74,13 @@ class TrainConfig:
     eval_every: int = 200
     # Held-out tokens per periodic evaluation (the final `burrow eval` uses all of them).
     eval_tokens: int = 65536
+    # lm-evaluation-harness tasks evaluated during training, comma-separated (docs/evaluation.md,
+    # e.g. "stdlib_docstrings"); "" = none.
+    eval_tasks: str = ""
+    # Evaluate eval_tasks every N steps (and at the end); 0 = only at the end.
+    eval_tasks_every: int = 0
+    # Documents per task in those evaluations; 0 = all.
+    eval_tasks_limit: int = 0
     # Write a checkpoint every N steps (and at the end); 0 = only at the end.
     save_every: int = 500
     # Checkpoints kept on disk (the newest); 0 = keep all.
@@ -136,7 +143,8 @@ class TrainConfig:
                      "expert_parallel", "tensor_parallel", "pipeline_parallel"):
             check_positive(getattr(self, name), f"train.{name}")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "grad_clip",
-                     "weight_decay", "weight_decay_lr_power", "eval_tokens", "spike_factor",
+                     "weight_decay", "weight_decay_lr_power", "eval_tokens", "eval_tasks_every",
+                     "eval_tasks_limit", "spike_factor",
                      "spike_rollback", "spike_skip", "decay_steps", "schedule_steps",
                      "data_parallel_replicate", "data_parallel_shard", "pipeline_microbatches"):
             if getattr(self, name) < 0:

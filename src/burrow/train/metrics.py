@@ -289,3 +289,33 @@ def plot_expert_load(rows: list[dict[str, Any]], path: Path, title: str = "") ->
     figure.tight_layout()
     save_figure(figure, path)
     return True
+
+
+def plot_task_scores(rows: list[dict[str, Any]], path: Path, title: str = "") -> bool:
+    """loss.png's companion: each task's metrics against step, from the rows of the task
+    evaluations (train.eval_tasks). False (nothing drawn) where no row has them."""
+    logged = [r for r in rows if r.get("split") == "tasks" and r.get("tasks")]
+    if not logged:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
+    curves = sorted({(task, metric) for r in logged for task, metrics in r["tasks"].items()
+                     for metric in metrics})
+    for task, metric in curves:
+        points = [(r["step"], r["tasks"][task][metric]) for r in logged
+                  if metric in r["tasks"].get(task, {})]
+        axis.plot(*zip(*points), marker="o", markersize=3, linewidth=1.2,
+                  label=f"{task} {metric}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("score")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    if title:
+        axis.set_title(title)
+    figure.tight_layout()
+    save_figure(figure, path)
+    return True

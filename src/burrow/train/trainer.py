@@ -58,6 +58,7 @@ from burrow.train.metrics import (
     eval_report,
     plot_expert_load,
     plot_losses,
+    plot_task_scores,
     setup_line,
     train_report,
 )
@@ -70,6 +71,7 @@ from burrow.train.rundir import (
 )
 from burrow.train.spikes import SpikeDetector, rollback_target
 from burrow.train.stochastic_rounding import store_in_bf16
+from burrow.train.tasks import TaskEvaluation, tasks_line
 
 SAMPLE_PROMPT = "def "
 
@@ -128,6 +130,10 @@ class Trainer:
         self.prepared, self.tokenizer = data.prepared, data.tokenizer
         self.retrieval = data.retrieval
         self.train_data, self.val_data = data.train, data.val
+        self.task_evaluation = TaskEvaluation(cfg.train) if cfg.train.eval_tasks else None
+        if self.task_evaluation is None and (cfg.train.eval_tasks_every
+                                             or cfg.train.eval_tasks_limit):
+            raise UserError("--eval-tasks-every and --eval-tasks-limit need --eval-tasks TASKS")
         if data.eval_bytes is not None:
             self.eval_bytes, self.yardstick = data.eval_bytes, data.yardstick
 
@@ -287,6 +293,7 @@ class Trainer:
                          f"{self.run_dir}; continue with --resume")
                 return self.summary()
             self.evaluate()
+            self.evaluate_tasks()
             self.plot()
             self.save()
             self.write_sample()
@@ -320,6 +327,8 @@ class Trainer:
                 interval_losses = []
             if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.max_steps:
                 self.evaluate()
+            if self.task_evaluation and self.task_evaluation.due(self.step, tcfg.max_steps):
+                self.evaluate_tasks()
             if tcfg.save_every and self.step % tcfg.save_every == 0 and self.step < tcfg.max_steps:
                 self.save()
             if not interval_losses:
@@ -401,6 +410,21 @@ class Trainer:
         self.plot()
         return result
 
+    def evaluate_tasks(self) -> None:
+        """The harness's tasks (train.eval_tasks) on the model now: a row of metrics.jsonl
+        ({"split": "tasks", "tasks": {task: {metric: value}}}), a line, tasks.png."""
+        if self.task_evaluation is None:
+            return
+        model = self.sample_model()  # collective, like sampling: every rank evaluates
+        if model is None:
+            return
+        scores = self.task_evaluation.scores(model, self.tokenizer, self.device)
+        if self.runtime.is_main:
+            self.record({"step": self.step, "split": "tasks", "tasks": scores,
+                         "time": time.time()})
+            self.log(tasks_line(self.step, scores))
+            self.plot()
+
     def save(self) -> Path:
         state = {"step": self.step, "tokens": self.tokens, "loader": self.loader.state_dict(),
                  "rng": rng_state(self.device), "spike_history": list(self.spikes.losses)}
@@ -417,6 +441,7 @@ class Trainer:
         rows = self.metrics.rows()
         plot_losses(rows, self.run_dir / "loss.png", title=title)
         plot_expert_load(rows, self.run_dir / "experts.png", title=title)
+        plot_task_scores(rows, self.run_dir / "tasks.png", title=title)
 
     def sample_model(self) -> torch.nn.Module | None:
         """The model to sample from on rank 0 (None elsewhere): heads split over ranks fit no
