@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -357,11 +358,17 @@ def _add_data_flags(parser: argparse.ArgumentParser, vocab_size: int | None = 40
     parser.add_argument("--tokenizer-type", default="bpe", choices=("bpe", "unigram"))
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """The parser main() reads with, built once per process (parsing leaves it unchanged)."""
+    return build_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; its result goes to stdout, a mistake to stderr as one line (status 2)."""
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = _parser().parse_args(argv)
         except SystemExit as stop:  # --help, or a usage mistake argparse has already reported
             return int(stop.code or 0)
         return _dispatch(args)

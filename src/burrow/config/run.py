@@ -172,7 +172,8 @@ class TrainConfig:
 
     def check_bf16_parameters(self) -> None:
         """bf16 parameters compute in bf16, and their update swaps each parameter's storage for
-        the step (train/stochastic_rounding.py), which sharded (DTensor) parameters forbid."""
+        the step (train/stochastic_rounding.py), which sharded (distributed-tensor) parameters
+        forbid."""
         if self.param_dtype != "bf16":
             return
         if self.precision == "fp32":
