@@ -90,32 +90,24 @@ def with_recipe(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     """`cfg` with the paper's recipe --recipe names, scaled to the run (burrow/recipes.py);
     what it scaled goes to stderr."""
     from burrow import recipes
+    from burrow.parallel.runtime import resolve_device
 
     recipe = recipes.get(args.recipe, cfg.model.num_params())
     train = cfg.train
     granularity = train.micro_batch_size * train.seq_len
     scaled = recipes.scale(recipe, batch_tokens=train.batch_tokens, max_steps=train.max_steps,
                            granularity=granularity, keep=explicit_fields(args),
-                           device_type=_device_type(train.device),
+                           device_type=resolve_device(train.device).type,
                            sharded=(train.parallel == "fsdp" or train.tensor_parallel > 1
                                     or train.pipeline_parallel > 1))
     raw = cfg.to_dict()
     raw["train"].update(scaled.train)
+    recipes.apply_model_fields(raw["model"], scaled.model)
+    raw["recipe"] = recipe.name
     result = RunConfig.from_dict(raw)
-    result.model = recipes.apply_model_fields(result.model, scaled.model)
-    result.recipe = recipe.name
-    result.validate()
     for line in scaled.lines:
         print(f"burrow: {line}", file=sys.stderr)
     return result
-
-
-def _device_type(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device.split(":")[0]
 
 
 def check_places(run_dir: Path, fix: str) -> None:

@@ -14,11 +14,12 @@ boundaries keep their fraction of it. `scale()` says what it did in lines the tr
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from burrow import presets
 from burrow.errors import UserError
 
 GOPHER = "Rae et al. 2021 (Gopher), §3 and Table 1"
@@ -128,10 +129,9 @@ RECIPES: tuple[Recipe, ...] = (
 )
 
 _BY_NAME = {recipe.name: recipe for recipe in RECIPES}
-# `--recipe gopher` picks the Table 1 row nearest the model's size.
+# `--recipe gopher` picks the Table 1 row nearest the model's size (the rows are named after
+# the presets, whose published sizes they are).
 FAMILIES = {"gopher": [r for r in RECIPES if r.name.startswith("gopher-")]}
-_GOPHER_PARAMS = {"gopher-44m": 44e6, "gopher-117m": 117e6, "gopher-417m": 417e6,
-                  "gopher-1.4b": 1.4e9, "gopher-7.1b": 7.1e9, "gopher-280b": 280e9}
 
 
 def names() -> list[str]:
@@ -144,11 +144,9 @@ def get(name: str, num_params: int | None = None) -> Recipe:
     if name in _BY_NAME:
         return _BY_NAME[name]
     if name in FAMILIES:
-        import math
-
         params = num_params or 44e6
-        return min(FAMILIES[name],
-                   key=lambda r: abs(math.log(_GOPHER_PARAMS[r.name] / params)))
+        return min(FAMILIES[name], key=lambda r: abs(
+            math.log(presets.info(r.name).published_params / params)))
     close = difflib.get_close_matches(name, names(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise UserError(f"unknown recipe {name!r}{hint} (`burrow presets --recipes` lists them)")
@@ -232,22 +230,13 @@ def table_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def _replace(obj: Any, dotted: str, value: Any) -> Any:
-    """dataclasses.replace through a dotted path ("moe.init_scale")."""
-    head, _, rest = dotted.partition(".")
-    if rest:
-        return dataclasses.replace(obj, **{head: _replace(getattr(obj, head), rest, value)})
-    return dataclasses.replace(obj, **{head: value})
-
-
-def apply_model_fields(model_cfg: Any, fields: dict[str, Any]) -> Any:
-    """The ModelConfig with a recipe's model fields set; fields of a part the model does not
-    have (moe.* without experts) are skipped."""
+def apply_model_fields(model: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Set a recipe's model fields in a config's model section (a dict, RunConfig.to_dict's);
+    fields of a part the model does not have (moe.* without experts, a section that is null)
+    are skipped."""
     for dotted, value in fields.items():
-        head = dotted.partition(".")[0]
-        if "." in dotted and getattr(model_cfg, head) is None:
-            continue
-        if head == "moe" and not model_cfg.moe.num_experts:
-            continue
-        model_cfg = _replace(model_cfg, dotted, value)
-    return model_cfg
+        head, _, rest = dotted.partition(".")
+        if not rest:
+            model[head] = value
+        elif model.get(head) and (head != "moe" or model["moe"]["num_experts"]):
+            model[head][rest] = value

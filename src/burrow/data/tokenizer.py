@@ -85,6 +85,7 @@ class Tokenizer:
 
     def __init__(self, model_proto: bytes):
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._byte_lengths: list[int] | None = None  # byte_lengths(), computed on first use
         self.vocab_size: int = self._sp.vocab_size()
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()
@@ -174,7 +175,10 @@ class Tokenizer:
     def byte_lengths(self) -> list[int]:
         """The UTF-8 bytes each token id stands for in decoded text: its piece's (a space for
         each "▁"), 1 for a byte-fallback token, 0 for <s>, </s> and <unk>. No dummy prefix is
-        added, so a text's token byte lengths add up to its size."""
+        added, so a text's token byte lengths add up to its size. Computed once per tokenizer
+        (a sentencepiece call per id); each call returns a fresh list."""
+        if self._byte_lengths is not None:
+            return list(self._byte_lengths)
         lengths = []
         for token in range(self.vocab_size):
             if self._sp.is_control(token) or self._sp.is_unknown(token):
@@ -184,4 +188,5 @@ class Tokenizer:
             else:
                 piece = self._sp.id_to_piece(token)
                 lengths.append(len(piece.replace(META_SYMBOL, " ").encode("utf-8")))
-        return lengths
+        self._byte_lengths = lengths
+        return list(lengths)

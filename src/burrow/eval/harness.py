@@ -47,21 +47,13 @@ def split_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[in
     """
     ids = tokenizer.encode(context + continuation)
     boundary = len(context.encode("utf-8"))
-    lengths = _byte_lengths(tokenizer)
+    lengths = tokenizer.byte_lengths()
     end = 0
     for index, token in enumerate(ids):
         end += lengths[token]
         if end > boundary:
             return ids[:index], ids[index:]
     return ids, []
-
-
-def _byte_lengths(tokenizer: Any) -> list[int]:
-    """The tokenizer's byte length per id (Tokenizer.byte_lengths), computed once."""
-    cached = getattr(tokenizer, "_harness_byte_lengths", None)
-    if cached is None:
-        cached = tokenizer._harness_byte_lengths = tokenizer.byte_lengths()
-    return cached
 
 
 def _is_capacity_limited(cfg: Any) -> bool:
