@@ -164,6 +164,42 @@ def test_greedy_generate_until_is_burrow_generate_and_stops_at_stop_strings(harn
     assert other == lm.generate_until(requests("generate_until", (same_length, settings)))[0]
 
 
+def test_generation_ends_once_every_row_has_met_a_stop_string(harness, random_run,
+                                                              monkeypatch):
+    """generate_until stops decoding when each row of a batch holds a stop string (or </s>),
+    and returns what decoding to max_gen_toks and cutting returns."""
+    import importlib
+
+    from burrow.eval.harness import BurrowLM
+
+    generation = importlib.import_module("burrow.infer.generate")  # the module, not the function
+
+    lm = BurrowLM(random_run, device="cpu", batch_size=2)
+    steps = []
+    step_logits = generation._step_logits
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return step_logits(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_step_logits", counted)
+    settings = {"until": [], "max_gen_toks": 40}
+    full = lm.generate_until(requests("generate_until", ("def ", settings)))[0]
+    assert len(steps) == 39  # no stop strings: all 40 tokens (the first needs no step)
+    stop = next(full[i:i + 2] for i in range(2, len(full) - 2) if full.find(full[i:i + 2]) == i)
+    steps.clear()
+    cut = lm.generate_until(requests("generate_until",
+                                     ("def ", {**settings, "until": [stop]})))[0]
+    assert cut == full[:full.find(stop)]
+    assert len(steps) < 20  # ended soon after the stop string, not at 40 tokens
+    # a row without a stop string keeps its batch going ("12": a prompt of the same length,
+    # so the two run as one batch)
+    steps.clear()
+    lm.generate_until(requests("generate_until", ("def ", {**settings, "until": [stop]}),
+                               ("12", settings)))
+    assert len(steps) == 39
+
+
 def test_local_task_scores_the_same_through_burrow_and_the_hf_backend(lm, single_run, tmp_path):
     """The export and the backend check each other: the harness's HF backend on the exported
     model, its tokenizer putting </s> before each text as burrow's backend does."""

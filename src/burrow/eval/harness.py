@@ -11,7 +11,8 @@ a run directory or a model in memory; `burrow eval RUN --tasks ...` and the trai
 - loglikelihood_rolling(text): log p(text), in the harness's disjoint windows of the model's
   context (lm_eval.utils.get_rolling_token_windows), the first one after </s>.
 - generate_until(context, until): greedy (or sampled) text from burrow.infer.generate, with its
-  KV cache, cut at the first stop string.
+  KV cache, cut at the first stop string; decoding ends once every row of a batch holds one
+  (or </s>), not at max_gen_toks.
 
 A context too long for the model loses its start (left truncation), as in the harness's own
 backends; a continuation longer than the whole context cannot be scored and is refused.
@@ -212,9 +213,11 @@ class BurrowLM(TemplateLM):
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start:start + self.batch_size]
                 prompts = torch.tensor([prepared[i][1] for i in batch], device=self.device)
+                stops = [prepared[i][2] for i in batch]
                 out = generate(self.model, prompts, new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=self.seed,
-                               eos_id=self.eot_token_id)
+                               eos_id=self.eot_token_id,
+                               stop=lambda new, stops=stops: self._all_stopped(new, stops))
                 for i, row in zip(batch, out[:, length:].tolist()):
                     kept = row[:row.index(self.eot_token_id)] if self.eot_token_id in row else row
                     results[i] = cut_at_stop(self.tok_decode(kept), prepared[i][2])
@@ -222,6 +225,20 @@ class BurrowLM(TemplateLM):
                 progress.update(len(batch))
         progress.close()
         return results
+
+    def _all_stopped(self, new: torch.Tensor, stops: list[list[str]]) -> bool:
+        """Whether every row of the batch has ended: emitted </s> or a stop string. Greedy
+        tokens do not depend on when the loop stops, so stopping here returns what running
+        to max_gen_toks and cutting would."""
+        for row, row_stops in zip(new.tolist(), stops):
+            if self.eot_token_id in row:
+                continue
+            if not row_stops:
+                return False
+            text = self.tok_decode(row)
+            if not any(stop in text for stop in row_stops):
+                return False
+        return True
 
     def _generation_request(self, context: str, settings: dict[str, Any]
                             ) -> tuple[tuple[int, int, float, int | None, float | None],

@@ -39,7 +39,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_id: int | None = None,
              compile: bool = False, retrieve: Retrieve | None = None,
-             return_sources: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[Any]]:
+             return_sources: bool = False,
+             stop: Callable[[torch.Tensor], bool] | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, list[Any]]:
     """Continue each row of input_ids (B, T) by max_new_tokens tokens, with a KV cache.
 
     temperature 0 is greedy; top_k keeps the k likeliest tokens, top_p the smallest set
@@ -60,6 +62,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
     (u + 1)m - 1 onward through chunked cross-attention, so the tokens of chunk u + 1 are
     sampled attending to the neighbours of chunk u. Without `retrieve` a RETRO model generates
     with its decoder alone. The compiled decode step does not retrieve.
+
+    `stop`, if given, is called after each new token with the tokens generated so far
+    (B, n); when it returns True generation ends there, before max_new_tokens (a caller's
+    stop strings, say). The tokens it saw are those a longer run begins with.
 
     Returns (B, T + new) with the prompt included, an ordinary tensor; with `return_sources`,
     also a list whose item u is what `retrieve` said of chunk u's neighbours (its second value).
@@ -97,7 +103,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
             retrieval = None if retrieve is None else ChunkNeighbours(
                 retrieve, model.cfg.retro.chunk_size, input_ids)
             tokens = _decode(decoder, input_ids, max_new_tokens, temperature, top_k, top_p,
-                             generator, eos_id, compile, retrieval)
+                             generator, eos_id, compile, retrieval, stop)
     finally:
         model.train(was_training)
     tokens = tokens.clone()  # an ordinary tensor, which autograd accepts (inference ones not)
@@ -131,9 +137,11 @@ class ChunkNeighbours:
 def _decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
             temperature: float, top_k: int | None, top_p: float | None,
             generator: torch.Generator | None, eos_id: int | None,
-            compile: bool, retrieval: ChunkNeighbours | None = None) -> torch.Tensor:
+            compile: bool, retrieval: ChunkNeighbours | None = None,
+            stop: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """generate's loop: prefill the cache with the prompt, then one token per step; with
-    `retrieval`, a chunk's neighbours are fetched when its last token is known."""
+    `retrieval`, a chunk's neighbours are fetched when its last token is known; `stop` ends
+    the loop early when it says so of the new tokens."""
     B, T = input_ids.shape
     length = T + max_new_tokens
     if compile:  # the mask hides the positions past the end
@@ -156,6 +164,8 @@ def _decode(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
             finished |= next_token[:, 0] == eos_id
         tokens.append(next_token)
         if step + 1 == max_new_tokens or (eos_id is not None and bool(finished.all())):
+            break
+        if stop is not None and stop(torch.cat(tokens[1:], dim=1)):
             break
         # Compiled, the position is a tensor, so that one graph serves them all; eager,
         # an int, so that attention reads only the cache's written positions.
