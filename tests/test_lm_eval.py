@@ -205,26 +205,11 @@ def test_local_task_scores_the_same_through_burrow_and_the_hf_backend(lm, single
     model, its tokenizer putting </s> before each text as burrow's backend does."""
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from lm_eval.models.huggingface import HFLM
-
+    from burrow.eval.harness import hf_backend
     from burrow.eval.tasks import evaluate_tasks
-    from burrow.interop import export_hf
 
     ours = evaluate_tasks(lm, ["stdlib_docstrings"], limit=16, log_samples=True)
-    export_hf(single_run, tmp_path / "hf")
-    tokenizer_json = tmp_path / "hf" / "tokenizer.json"
-    spec = json.loads(tokenizer_json.read_text())
-    eos = lm.eot_token_id
-    spec["post_processor"] = {"type": "TemplateProcessing",
-                              "single": [{"SpecialToken": {"id": "</s>", "type_id": 0}},
-                                         {"Sequence": {"id": "A", "type_id": 0}}],
-                              "pair": [{"Sequence": {"id": "A", "type_id": 0}},
-                                       {"Sequence": {"id": "B", "type_id": 0}}],
-                              "special_tokens": {"</s>": {"id": "</s>", "ids": [eos],
-                                                          "tokens": ["</s>"]}}}
-    tokenizer_json.write_text(json.dumps(spec))
-    hf = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=4, dtype="float32",
-              prefix_token_id=eos)
+    hf = hf_backend(single_run, tmp_path / "hf", batch_size=4)
     theirs = evaluate_tasks(hf, ["stdlib_docstrings"], limit=16, log_samples=True)
     for metric in ("acc,none", "acc_norm,none"):
         assert (ours["results"]["stdlib_docstrings"][metric]

@@ -285,3 +285,36 @@ def _batch_size(value: int | str) -> int:
     if size < 1:
         raise UserError(f"batch_size must be >= 1, got {size}")
     return size
+
+
+def hf_backend(run: str | Path, directory: str | Path, *, device: str = "cpu",
+               batch_size: int = 8) -> Any:
+    """The harness's own HF backend (lm_eval.models.huggingface.HFLM) on `run` exported to
+    `directory` (`burrow export-hf`), reading texts as BurrowLM does: its tokenizer puts </s>
+    before each text and the harness is told that </s> is the prefix token. The same task
+    through both backends gives the same scores (tests/test_lm_eval.py), and bench/lm_eval.py
+    times them against each other. Needs transformers and accelerate (the `hf` and `eval`
+    extras)."""
+    import json
+
+    from lm_eval.models.huggingface import HFLM
+
+    from burrow.interop import export_hf
+    from burrow.run import load_run
+
+    _, tokenizer, _ = load_run(run, device="cpu")
+    directory = Path(directory)
+    export_hf(run, directory)
+    tokenizer_json = directory / "tokenizer.json"
+    spec = json.loads(tokenizer_json.read_text())
+    eos = tokenizer.eos_id
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "</s>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                                       {"Sequence": {"id": "B", "type_id": 0}}],
+                              "special_tokens": {"</s>": {"id": "</s>", "ids": [eos],
+                                                          "tokens": ["</s>"]}}}
+    tokenizer_json.write_text(json.dumps(spec))
+    return HFLM(pretrained=str(directory), device=device, batch_size=batch_size,
+                dtype="float32", prefix_token_id=eos)
