@@ -155,9 +155,19 @@ def test_invalid_laws_and_budgets_are_user_errors():
         ScalingLaw(name="empty", source="")
     with pytest.raises(UserError, match="alpha must be a positive number"):
         ScalingLaw(name="neg", source="", E=1.0, A=1.0, B=1.0, alpha=-0.3, beta=0.3)
+    with pytest.raises(UserError, match="E must be a positive number"):
+        ScalingLaw(name="neg", source="", E=-0.1, A=1.0, B=1.0, alpha=0.3, beta=0.3)
     with pytest.raises(UserError, match="form 'kaplan' needs"):
         ScalingLaw(name="k", source="", a=0.7, n_coef=1.0, form="kaplan")
     with pytest.raises(UserError, match="positive number of FLOPs"):
         get_law("chinchilla").optimal(0.0)
     with pytest.raises(UserError, match="positive number of FLOPs"):
         get_law("chinchilla").optimal(float("nan"))
+
+
+def test_a_fit_without_a_loss_floor_is_a_law():
+    """E = 0 (a fitted exp(e) that underflowed: the runs show no irreducible loss) is a law
+    like any other: its loss is the two power laws alone."""
+    law = ScalingLaw(name="fitted", source="", E=0.0, A=400.0, B=400.0, alpha=0.3, beta=0.3)
+    assert law.loss(1e6, 1e9) == pytest.approx(400.0 / 1e6**0.3 + 400.0 / 1e9**0.3)
+    assert law.exponents() == pytest.approx((0.5, 0.5))

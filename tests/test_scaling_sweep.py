@@ -172,3 +172,24 @@ def test_fit_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, words):
     assert len(error) == 1 and error[0].startswith("burrow: error: "), error
     for word in words:
         assert word in error[0], error[0]
+
+
+def test_a_fit_that_fails_between_runs_does_not_stop_the_sweep(tmp_path, monkeypatch):
+    """After each run the sweep refits what has finished; runs that fit badly so far (a
+    degenerate law) are reported, and the table is still written, so the sweep goes on."""
+    from burrow.errors import UserError
+    from burrow.scaling import results
+
+    rows = [{"name": f"r{i}", "budget": 1e12, "N": 1000 * (i + 1)} for i in range(6)]
+    monkeypatch.setattr(results, "finished_rows", lambda out, runs: rows)
+    monkeypatch.setattr(results, "ready_to_fit", lambda rows: True)
+    monkeypatch.setattr(results, "sweep_curves", lambda out: [])
+
+    def degenerate(*args, **kwargs):
+        raise UserError("law 'fitted': alpha must be a positive number, got nan")
+
+    monkeypatch.setattr(results, "fit_and_plot", degenerate)
+    result = results.update_results(tmp_path, runs=[])
+    assert result["fit_error"].startswith("law 'fitted'")
+    assert "fit" not in result
+    assert (tmp_path / "results.csv").read_text().count("\n") == len(rows) + 1

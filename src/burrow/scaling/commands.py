@@ -261,6 +261,9 @@ def sweep_command(args: argparse.Namespace) -> int:
         log(f"results: {Path(args.out) / 'results.csv'} ({len(result['results'])} runs)")
         for path in result["figures"]:
             log(f"figure: {path}")
+        if "fit_error" in result:
+            log(f"no fit of these runs: {result['fit_error']} (the runs are kept; burrow fit "
+                f"{args.out} fits them again)")
     return 130 if result["interrupted"] else 0
 
 

@@ -101,6 +101,10 @@ class ScalingLaw:
             raise UserError(f"law {self.name!r}: give E, A, B, alpha, beta or a and n_coef")
         for key in (*_PARAMETRIC, *_KAPLAN, "n_coef", "a"):
             value = getattr(self, key)
+            # E, the loss no model size or data removes, may be 0: a fit whose exp(e) underflows
+            # says the runs show no floor, which is a result, not a malformed law.
+            if key == "E" and value == 0:
+                continue
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UserError(f"law {self.name!r}: {key} must be a positive number, got {value}")
         if self.a is not None and self.a >= 1:

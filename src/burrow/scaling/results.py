@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from burrow.errors import UserError
 from burrow.files import write_text
 from burrow.scaling.curves import SMOOTH_STEPS, sweep_curves
 from burrow.scaling.fit import MIN_PROFILE_SIZES
@@ -85,7 +86,11 @@ def update_results(out: Path, runs: list) -> dict[str, Any]:
     write_table(out, rows)
     result: dict[str, Any] = {"results": rows, "figures": []}
     if ready_to_fit(rows):
-        fitted = fit_and_plot(out / "results.csv", out, bootstrap=SWEEP_BOOTSTRAP,
-                              curves=sweep_curves(out))
+        try:
+            fitted = fit_and_plot(out / "results.csv", out, bootstrap=SWEEP_BOOTSTRAP,
+                                  curves=sweep_curves(out))
+        except UserError as error:  # the runs so far fit badly: the sweep goes on regardless
+            result["fit_error"] = str(error)
+            return result
         result.update(fit=fitted["report"], figures=fitted["figures"])
     return result
