@@ -16,7 +16,7 @@ from burrow import UserError
 from burrow.config import ModelConfig, RunConfig, TrainConfig
 from burrow.model import Transformer
 from burrow.parallel import LayerStrategy, ParallelDims, parallelize
-from burrow.parallel.planner import CostInputs, Job, Plan, get_hardware, search
+from burrow.parallel.planner import CostInputs, Job, LayerPlan, Plan, get_hardware, search
 from burrow.parallel.planner.executable import apply_plan, search_executable
 from test_parallel import train
 from test_pipeline_parallel import micro_config, micro_plan
@@ -130,6 +130,21 @@ def test_a_mixed_layout_resumes_in_one_process_and_under_uniform_fsdp(tmp_path, 
         losses = train(out, steps, processes=processes, parallel=parallel, resume=True,
                        extra=("--layer-layouts", "none"))
         assert losses == pytest.approx(single[:steps], rel=1e-4), name
+
+
+def test_train_follows_a_plan_of_mixed_layouts_in_two_stages(tmp_path, single):
+    """`train --plan`: two stages of two ranks, each stage's layers sharded and replicated
+    by turns (the embedding, block 1 sharded over 2; block 0, the head replicated twice)."""
+    layers = [LayerPlan(layer.name, 1, *((1, 2) if index % 2 == 0 else (2, 1)),
+                        layer.checkpoint) for index, layer in enumerate(micro_plan().layers)]
+    plan = tmp_path / "plan.json"
+    micro_plan(layers=tuple(layers)).save(plan)
+    out = tmp_path / "run"
+    losses = train(out, 4, processes=4, extra=("--plan", str(plan)))
+    assert losses == pytest.approx(single[:4], rel=1e-4)
+    saved = RunConfig.load(out / "config.yaml").train
+    assert (saved.parallel, saved.pipeline_parallel, saved.layer_layouts) == (
+        "fsdp", 2, "1x2,2x1,1x2,2x1")
 
 
 def test_a_mixed_layout_needs_fsdp_and_the_job_s_data_parallel_degree():

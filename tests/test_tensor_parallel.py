@@ -168,7 +168,7 @@ def test_a_plan_per_layer_must_fit_the_job():
     with pytest.raises(UserError, match="the plan splits block 1 over tp 2, the job over tp 1"):
         parallelize(Transformer(tiny_model()), dims, torch.device("cpu"), False, layers=layers)
     with pytest.raises(UserError, match=r"describes 2 layers, the model has 4 \(the embedding, "
-                                        "2 blocks, the head\)"):
+                                        r"2 blocks, the head\)"):
         parallelize(Transformer(tiny_model()), dims, torch.device("cpu"), False,
                     layers=layers[:2])
 
