@@ -102,7 +102,8 @@ def test_layers_are_sharded_as_their_layouts_say_and_compute_the_whole_model():
 def mixed_run(tmp_path_factory):
     """Two steps sharded over two processes (uniform FSDP), resumed for two more in the mixed
     layout on four, each rank's 2 sequences in two accumulated micro-batches of 1: a
-    checkpoint of DCP shards at step 4, and the losses of steps 3 and 4."""
+    checkpoint of DCP shards at step 4, and the run's four losses (3 and 4 in the mixed
+    layout)."""
     out = tmp_path_factory.mktemp("mixed") / "run"
     train(out, 2, processes=2, parallel="fsdp")
     losses = train(out, 4, processes=4, parallel="fsdp", resume=True,
@@ -147,7 +148,7 @@ def test_train_follows_a_plan_of_mixed_layouts_in_two_stages(tmp_path, single):
         "fsdp", 2, "1x2,2x1,1x2,2x1")
 
 
-def test_a_mixed_layout_needs_fsdp_and_the_job_s_data_parallel_degree():
+def test_layouts_per_layer_need_fsdp_and_the_data_parallel_degree():
     cfg = micro_config()
     cfg.train = dataclasses.replace(cfg.train, layer_layouts="1x2,2x1,1x2,1x2")
     with pytest.raises(UserError, match="embedding is laid out as 1x2, the job as 2x1 under "
