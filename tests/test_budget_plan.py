@@ -148,7 +148,7 @@ def test_emitted_config_and_plan_load_and_agree(capsys, tmp_path):
     assert result["emitted_plan"] == str(tmp_path / "run.plan.json")
     assert planned.to_dict() == result["plan"] and planned.world_size == 8
     planned.check(cfg.model, 8, cfg.train.seq_len)  # made for this model on these GPUs
-    # the launch line's `train --plan` runs it: one layout for every layer
+    # the launch line's `train --plan` runs it: one tensor-parallel degree for every layer
     assert executable_problem(planned) is None and result["cluster"]["executable"]
     assert apply_plan(cfg, planned, 8).train.batch_tokens == cfg.train.batch_tokens
     assert cfg.train.batch_tokens == planned.global_batch * cfg.train.seq_len

@@ -117,8 +117,9 @@ def test_plan_micro_batches_are_converted_to_each_ranks():
 
 def test_plans_burrow_cannot_run_are_refused_naming_the_layer():
     layers = list(micro_plan().layers)
-    layers[0] = LayerPlan("embedding", 1, 1, 2, False)
-    with pytest.raises(UserError, match=r"embedding is spread as dp_shard 2.*--executable"):
+    layers[0] = LayerPlan("embedding", 2, 1, 1, False)
+    with pytest.raises(UserError, match=r"embedding is spread as tp 2, block 0 as "
+                                        r"dp_replicate 2.*--executable"):
         apply_plan(micro_config(), micro_plan(layers=tuple(layers)), 4)
     tensor = tuple(LayerPlan(layer.name, 2, 1, 1, False) for layer in layers)
     with pytest.raises(UserError, match="tensor parallelism inside pipeline stages"):

@@ -164,12 +164,13 @@ def test_checkpointing_leaves_a_run_unchanged(tmp_path):
 
 def test_a_plan_per_layer_must_fit_the_job():
     dims = ParallelDims()
-    layers = [LayerStrategy(), LayerStrategy(tp=2)]
-    with pytest.raises(UserError, match="block 1 as dp_replicate x dp_shard x tp = 1 x 1 x 2"):
+    layers = [LayerStrategy(), LayerStrategy(), LayerStrategy(tp=2), LayerStrategy()]
+    with pytest.raises(UserError, match="the plan splits block 1 over tp 2, the job over tp 1"):
         parallelize(Transformer(tiny_model()), dims, torch.device("cpu"), False, layers=layers)
-    with pytest.raises(UserError, match="describes 1 blocks, the model has 2"):
+    with pytest.raises(UserError, match=r"describes 2 layers, the model has 4 \(the embedding, "
+                                        r"2 blocks, the head\)"):
         parallelize(Transformer(tiny_model()), dims, torch.device("cpu"), False,
-                    layers=layers[:1])
+                    layers=layers[:2])
 
 
 def test_degrees_from_the_train_config():

@@ -124,6 +124,11 @@ class TrainConfig:
     # Blocks whose activations are recomputed in the backward pass (activation
     # checkpointing): "none", "all", or block indices such as "0,2,5".
     checkpoint_layers: str = "none"
+    # Each layer's data-parallel layout under fsdp (Galvatron: a strategy per layer): "none"
+    # (every layer as data_parallel_replicate x data_parallel_shard), or REPLICASxSHARDS for
+    # the embedding, each block and the head in order, e.g. "1x4,4x1,2x2,1x4" for two blocks
+    # on 4 data-parallel ranks; each product is the data-parallel degree.
+    layer_layouts: str = "none"
     # Loss-spike recovery (PaLM §5.1): a loss above spike_factor x the mean of the last
     # spike_window losses is a spike; 0 = off.
     spike_factor: float = 0.0
@@ -159,6 +164,7 @@ class TrainConfig:
         check_choice(self.parallel, ("none", "ddp", "fsdp"), "train.parallel")
         check_choice(self.pipeline_schedule, ("1f1b", "gpipe"), "train.pipeline_schedule")
         self.checkpointed(None)
+        self.layouts(None)
         self.pipeline_stages(None)
         self.batch_changes()
         if self.spike_factor and self.spike_factor <= 1.0:
@@ -200,6 +206,24 @@ class TrainConfig:
             raise UserError(f"train.checkpoint_layers names block {max(layers)}, but the model "
                             f"has blocks 0 to {n_layers - 1}")
         return layers
+
+    def layouts(self, n_layers: int | None) -> list[tuple[int, int]] | None:
+        """(replicas, shards) of each layer that layer_layouts names, the embedding first and
+        the head last, of a model with `n_layers` blocks (None: only check the spelling);
+        None for "none"."""
+        spec = self.layer_layouts.replace(" ", "").lower()
+        if spec == "none":
+            return None
+        entries = spec.split(",")
+        if not all(re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", entry) for entry in entries):
+            raise UserError(f"train.layer_layouts={self.layer_layouts!r} is not none or a list "
+                            "of REPLICASxSHARDS, one per layer, such as 1x4,4x1,2x2,1x4")
+        if n_layers is not None and len(entries) != n_layers + 2:
+            raise UserError(f"train.layer_layouts gives {len(entries)} layouts, but the model "
+                            f"has {n_layers + 2} layers (the embedding, {n_layers} blocks, the "
+                            "head); give one per layer, or none")
+        return [(int(replicas), int(shards))
+                for replicas, shards in (entry.split("x") for entry in entries)]
 
     def batch_changes(self) -> list[tuple[int, int]]:
         """(first step, tokens per step) of each entry of batch_ramp, in order; UserError for a
@@ -356,6 +380,7 @@ class RunConfig:
                             f"model.retro.chunk_size={retro.chunk_size} (RETRO retrieves for "
                             "whole chunks)")
         self.train.checkpointed(self.model.n_layers)
+        self.train.layouts(self.model.n_layers)
         self.train.pipeline_stages(self.model.n_layers)
         if self.train.seq_len > self.model.max_seq_len:
             raise UserError(

@@ -30,8 +30,9 @@ def add_plan_parallel_command(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--efficiency", type=FRACTION, help="share of the bf16 peak a layer's "
                       "matmuls sustain; default 0.6")
     plan.add_argument("--executable", action="store_true", help="search only plans burrow "
-                      "train --plan can run: one layout for every layer, checkpointing per "
-                      "block, no tensor parallelism inside a pipeline")
+                      "train --plan can run: one tensor-parallel degree for every layer, a "
+                      "data-parallel layout per layer, checkpointing per block, no tensor "
+                      "parallelism inside a pipeline")
     plan.add_argument("--out", metavar="PLAN_JSON", help="write the searched plan to this file")
     plan.add_argument("--profile", nargs="?", const="", metavar="PROFILE_JSON",
                       help="plan for this machine from its measured profile, --gpus read as "

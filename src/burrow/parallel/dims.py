@@ -4,7 +4,9 @@ The degrees multiply to the world size: pp x dp_replicate x dp_shard x tp proces
 in that order on one DeviceMesh with named dimensions, tensor parallelism innermost (consecutive
 ranks, which share the fastest links on a machine). `ParallelDims` checks the degrees before a
 process group is joined, builds the mesh, and is saved in the run directory (parallel.json) so
-that a plan is a file a user can read. `LayerStrategy` is what a planner says of each block.
+that a plan is a file a user can read. `LayerStrategy` is what a planner says of each layer
+(the embedding, each block, the head): its layout on the data-parallel ranks, its
+tensor-parallel degree, and whether it is recomputed.
 """
 
 from __future__ import annotations
@@ -115,8 +117,23 @@ class ParallelDims:
         from burrow.parallel.limits import check_pipeline, check_tensor_parallel
 
         self.check_experts(cfg.model.moe.num_experts)
+        self.layer_strategies(cfg.train, cfg.model.n_layers)
         check_tensor_parallel(cfg.model, self.tp)
         check_pipeline(cfg, self)
+
+    def layer_strategies(self, train: TrainConfig, n_layers: int) -> list[LayerStrategy]:
+        """Each layer's strategy, the embedding first and the head last, of a model of
+        `n_layers` blocks: the layout train.layer_layouts gives it (default: these degrees'),
+        the blocks train.checkpoint_layers names recomputed; UserError (one line) unless
+        this job can spread them so."""
+        layouts = train.layouts(n_layers) or [(self.dp_replicate, self.dp_shard)] * (
+            n_layers + 2)
+        checkpointed = train.checkpointed(n_layers)
+        flags = [False, *(block in checkpointed for block in range(n_layers)), False]
+        layers = [LayerStrategy(replicas, shards, self.tp, flag)
+                  for (replicas, shards), flag in zip(layouts, flags)]
+        check_layers(layers, self, n_layers)
+        return layers
 
     def check_experts(self, num_experts: int) -> None:
         """Raise UserError unless the model's experts split evenly over the ep ranks."""
@@ -180,26 +197,63 @@ class ParallelDims:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
 
+def layer_names(n_layers: int) -> list[str]:
+    """The layers a plan gives strategies to, in order: the embedding, the blocks, the head."""
+    return ["embedding", *(f"block {index}" for index in range(n_layers)), "head"]
+
+
 @dataclass(frozen=True)
 class LayerStrategy:
-    """How one block is spread and recomputed: a planner's answer for that layer (Galvatron).
+    """How one layer is spread and recomputed: a planner's answer for that layer (Galvatron).
 
-    The product dp_replicate x dp_shard x tp is the number of ranks of a pipeline stage.
+    The product dp_replicate x dp_shard x tp is the number of ranks of a pipeline stage. The
+    embedding's and the head's checkpoint flags change nothing: the embedding keeps no
+    activations to recompute, and burrow's fused loss keeps no logits.
     """
 
-    # Data-parallel replicas of this block's weights.
+    # Data-parallel replicas of this layer's weights.
     dp_replicate: int = 1
-    # Data-parallel shards of this block's weights (FSDP2).
+    # Data-parallel shards of this layer's weights (FSDP2).
     dp_shard: int = 1
-    # Tensor-parallel split of this block's heads and hidden units.
+    # Tensor-parallel split of this layer's heads and hidden units (or vocabulary).
     tp: int = 1
     # Recompute this block's activations in the backward pass instead of keeping them.
     checkpoint: bool = False
 
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(dp_replicate, dp_shard): how the layer's weights lie on the data-parallel ranks."""
+        return self.dp_replicate, self.dp_shard
+
     @classmethod
     def uniform(cls, dims: ParallelDims, n_layers: int,
                 checkpointed: frozenset[int] = frozenset()) -> list[LayerStrategy]:
-        """Every block as `dims` says, the blocks in `checkpointed` recomputed."""
-        return [cls(dims.dp_replicate, dims.dp_shard, dims.tp, layer in checkpointed)
-                for layer in range(n_layers)]
+        """Every layer (the embedding, `n_layers` blocks, the head) as `dims` says, the
+        blocks in `checkpointed` recomputed."""
+        flags = [False, *(block in checkpointed for block in range(n_layers)), False]
+        return [cls(dims.dp_replicate, dims.dp_shard, dims.tp, flag) for flag in flags]
 
+
+def check_layers(layers: list[LayerStrategy], dims: ParallelDims, n_layers: int) -> None:
+    """UserError (one line) unless `layers` gives each layer of a model of `n_layers` blocks
+    the job's tensor-parallel degree and a layout of its data-parallel ranks: any
+    dp_replicate x dp_shard of the job's data-parallel degree under fsdp, the job's own
+    under ddp or none."""
+    if len(layers) != n_layers + 2:
+        raise UserError(f"the plan describes {len(layers)} layers, the model has "
+                        f"{n_layers + 2} (the embedding, {n_layers} blocks, the head)")
+    for name, layer in zip(layer_names(n_layers), layers):
+        replicas, shards = layer.layout
+        if layer.tp != dims.tp:
+            raise UserError(f"the plan splits {name} over tp {layer.tp}, the job over tp "
+                            f"{dims.tp}; one tensor-parallel degree for every layer is "
+                            "supported")
+        if replicas * shards != dims.dp_degree:
+            raise UserError(f"{name} is laid out as {replicas}x{shards} = {replicas * shards} "
+                            f"data-parallel ranks, but the job has {dims.dp_degree}; give "
+                            "each layer of train.layer_layouts REPLICASxSHARDS of product "
+                            f"{dims.dp_degree}, or pass --layer-layouts none")
+        if layer.layout != (dims.dp_replicate, dims.dp_shard) and dims.mode != "fsdp":
+            raise UserError(f"{name} is laid out as {replicas}x{shards}, the job as "
+                            f"{dims.dp_replicate}x{dims.dp_shard} under --parallel {dims.mode}; "
+                            "a layout per layer needs --parallel fsdp")

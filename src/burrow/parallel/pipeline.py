@@ -23,15 +23,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.tensor import DTensor
 
 from burrow.config import TrainConfig
 from burrow.model import Transformer
 from burrow.model.context import ForwardContext
 from burrow.model.positions import rotary_tables
-from burrow.parallel.dims import LayerStrategy, ParallelDims
+from burrow.parallel.dims import LayerStrategy, ParallelDims, check_layers
+from burrow.parallel.layouts import clip_grads_with_norm_, grad_norm
 from burrow.parallel.limits import pipeline_batch
-from burrow.parallel.wrap import check_layers, spread
+from burrow.parallel.wrap import spread
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -145,15 +145,12 @@ class Pipeline:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip every stage's gradients by the norm over all stages' parameters, the one a
         single process computes; return it. Each stage's squared norm (over its shards, under
-        FSDP) is summed over the pipeline, as torchtitan does."""
+        FSDP, each layout's apart) is summed over the pipeline, as torchtitan does."""
         parameters = list(self.module.parameters())
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        square = norm.square()
+        square = grad_norm(parameters).square()
         dist.all_reduce(square, group=self.pp_group)
         total = square.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+        clip_grads_with_norm_(parameters, max_norm, total)
         return total
 
 
@@ -161,7 +158,8 @@ def build_pipeline(model: Transformer, dims: ParallelDims, device: torch.device,
                    train: TrainConfig, *, layers: list[LayerStrategy] | None = None,
                    compile: bool = False) -> Pipeline:
     """This rank's stage of `model` (its other stages' parts deleted), spread over the
-    stage's data-parallel ranks, and the schedule that runs it. Collective."""
+    stage's data-parallel ranks, and the schedule that runs it. `layers`: the whole model's
+    (the embedding, each block, the head), as parallelize takes them. Collective."""
     n_layers = len(model.blocks)
     layers = layers or LayerStrategy.uniform(dims, n_layers)
     check_layers(layers, dims, n_layers)
@@ -171,8 +169,7 @@ def build_pipeline(model: Transformer, dims: ParallelDims, device: torch.device,
     start = sum(counts[:stage])
     first, last = stage == 0, stage == dims.pp - 1
     module = StageModule(model, range(start, start + counts[stage]), first=first, last=last)
-    wrapped = spread(module, dims, mesh, device, bf16, [layer.checkpoint for layer in layers],
-                     compile)
+    wrapped = spread(module, dims, mesh, device, bf16, layers, compile)
     micro_batches, micro_batch_size = pipeline_batch(train, dims.dp_degree, dims.pp)
     pp_group = mesh.get_group("pp")
     # Static shapes, so that no warm-up pass runs (it would draw random numbers a resumed

@@ -1,6 +1,6 @@
 """Parallelism applied from outside a plain Transformer, in torchtitan's order: tensor parallelism,
-activation checkpointing, compilation, then data parallelism (FSDP2 on the data-parallel
-dimensions of the mesh, or DDP).
+activation checkpointing, compilation, then data parallelism (FSDP2 on each layer with its own
+layout of the data-parallel ranks, parallel/layouts.py, or DDP).
 
 The model knows nothing of this: `parallelize` returns the module the training loop calls.
 """
@@ -12,9 +12,9 @@ import contextlib
 import torch
 from torch import nn
 
-from burrow.errors import UserError
-from burrow.parallel.dims import LayerStrategy, ParallelDims
+from burrow.parallel.dims import LayerStrategy, ParallelDims, check_layers
 from burrow.parallel.expert import reduce_expert_gradients, shard_experts
+from burrow.parallel.layouts import shard_layers
 from burrow.parallel.tensor import apply_tensor_parallel
 
 
@@ -22,26 +22,26 @@ def parallelize(model: nn.Module, dims: ParallelDims, device: torch.device, bf16
                 layers: list[LayerStrategy] | None = None, compile: bool = False) -> nn.Module:
     """Spread `model` as `dims` says and return the module to call.
 
-    `layers` (one LayerStrategy per block; default: every block as `dims`, none recomputed)
-    chooses which blocks recompute their activations in the backward pass; their degrees must
-    be those of `dims` (one plan for every block, for now). `compile` compiles each block.
+    `layers` (one LayerStrategy per layer: the embedding, each block, the head; default:
+    every layer as `dims`, none recomputed) chooses which blocks recompute their activations
+    in the backward pass and, under fsdp, how each layer lies on the data-parallel ranks
+    (ParallelDims.layer_strategies, check_layers). `compile` compiles each block.
     """
     layers = layers or LayerStrategy.uniform(dims, len(model.blocks))
     check_layers(layers, dims, len(model.blocks))
     mesh = dims.build_mesh(device.type) if dims.tp > 1 or dims.mode == "fsdp" else None
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
-    return spread(model, dims, mesh, device, bf16, [layer.checkpoint for layer in layers],
-                  compile)
+    return spread(model, dims, mesh, device, bf16, layers, compile)
 
 
 def spread(model: nn.Module, dims: ParallelDims, mesh, device: torch.device, bf16: bool,
-           checkpointed: list[bool], compile: bool) -> nn.Module:
+           layers: list[LayerStrategy], compile: bool) -> nn.Module:
     """Steps 2 to 4 of `parallelize` on a whole model or one pipeline stage (whose `blocks`
-    are a ModuleDict keyed by block index): checkpointing of the blocks marked in
-    `checkpointed` (indexed by block), compilation, then data parallelism over the
-    data-parallel dimensions of `mesh`."""
-    apply_checkpointing(model, checkpointed)
+    are a ModuleDict keyed by block index): checkpointing of the blocks `layers` marks
+    (the embedding, each block, the head of the whole model), compilation, then data
+    parallelism over the data-parallel dimensions of `mesh`, each layer in its layout."""
+    apply_checkpointing(model, [layer.checkpoint for layer in layers[1:-1]])
     if compile:
         for block in blocks_of(model):
             block.compile()
@@ -56,18 +56,15 @@ def spread(model: nn.Module, dims: ParallelDims, mesh, device: torch.device, bf1
         return DistributedDataParallel(model, device_ids=[device.index]
                                        if device.type == "cuda" else None, process_group=group)
     if dims.mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        # HSDP (dp_replicate > 1): shards over "dp_shard", and the shards replicated over
-        # "dp_replicate", whose gradients FSDP2 all-reduces.
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
         # bf16 compute and communication of parameters, fp32 gradient reduction and master
-        # weights, as torchtitan does on GPUs.
+        # weights, as torchtitan does on GPUs. HSDP (dp_replicate > 1): shards over
+        # "dp_shard", and the shards replicated over "dp_replicate", whose gradients FSDP2
+        # all-reduces.
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if bf16 else MixedPrecisionPolicy())
-        for block in blocks_of(model):
-            fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+        shard_layers(model, dims, mesh, layers, policy)
     return model
 
 
@@ -75,19 +72,6 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The blocks a model or pipeline stage holds, in order."""
     blocks = model.blocks
     return list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
-
-
-def check_layers(layers: list[LayerStrategy], dims: ParallelDims, n_layers: int) -> None:
-    """UserError unless `layers` gives each of the `n_layers` blocks the degrees of `dims`."""
-    if len(layers) != n_layers:
-        raise UserError(f"the plan describes {len(layers)} blocks, the model has {n_layers}")
-    for index, layer in enumerate(layers):
-        degrees = (layer.dp_replicate, layer.dp_shard, layer.tp)
-        if degrees != (dims.dp_replicate, dims.dp_shard, dims.tp):
-            raise UserError(f"the plan spreads block {index} as dp_replicate x dp_shard x tp = "
-                            f"{' x '.join(map(str, degrees))}, the job as {dims.dp_replicate} x "
-                            f"{dims.dp_shard} x {dims.tp}; one layout for every block is "
-                            "supported for now")
 
 
 def apply_checkpointing(model: nn.Module, checkpointed: list[bool]) -> None:
@@ -109,8 +93,8 @@ def apply_checkpointing(model: nn.Module, checkpointed: list[bool]) -> None:
 def gradient_sync(wrapped: nn.Module, enabled: bool):
     """A context in which backward does (or, for all but the last micro-batch, does not)
     reduce gradients across ranks; split experts' gradients are reduced as it closes."""
-    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
-        wrapped.set_requires_gradient_sync(enabled)
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2: every layer's unit
+        wrapped.set_requires_gradient_sync(enabled, recurse=True)
     skip_sync = not enabled and hasattr(wrapped, "no_sync")  # DDP
     with wrapped.no_sync() if skip_sync else contextlib.nullcontext():
         yield

@@ -75,8 +75,9 @@ class Cluster:
     seq_len: int = planning.PLAN_SEQ_LEN
     # "bf16" (mixed precision) or "fp32".
     precision: str = "bf16"
-    # Search only plans `burrow train --plan` runs (one layout for every layer): what an
-    # emitted config's launch line starts (parallel/planner/executable.py).
+    # Search only plans `burrow train --plan` runs (one tensor-parallel degree for every
+    # layer, a data-parallel layout per layer): what an emitted config's launch line starts
+    # (parallel/planner/executable.py).
     executable: bool = False
 
     @property
@@ -290,7 +291,7 @@ def format_cluster(result: dict[str, Any]) -> list[str]:
              f"{cluster['global_batch_sequences']:,} sequences of {cluster['seq_len']:,} "
              "tokens a step",
              f"plan      {describe_shape(plan)}; mesh {describe_mesh(plan)}"
-             + (" (one layout for every layer: burrow train --plan runs it)"
+             + (" (one tensor-parallel degree for every layer: burrow train --plan runs it)"
                 if cluster.get("executable") else ""),
              *stage_lines(plan, indent=" " * 10),
              f"speed     {format_seconds(result['predicted_step_s'])} a step, "

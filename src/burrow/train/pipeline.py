@@ -22,7 +22,6 @@ import torch
 
 from burrow.eval.evaluate import eval_windows, summarise
 from burrow.model import Transformer
-from burrow.parallel.dims import LayerStrategy
 from burrow.parallel.pipeline import build_pipeline
 from burrow.train.batches import BatchSchedule
 from burrow.train.checkpoint import latest_checkpoint, load_weights
@@ -35,7 +34,7 @@ class PipelineTrainer(Trainer):
 
     def wrap_model(self) -> None:
         train, n_layers = self.cfg.train, self.cfg.model.n_layers
-        layers = LayerStrategy.uniform(self.dims, n_layers, train.checkpointed(n_layers))
+        layers = self.dims.layer_strategies(train, n_layers)
         self.pipeline = build_pipeline(self.model, self.dims, self.device,
                                        self.autocast is not None, train, layers=layers,
                                        compile=train.compile)

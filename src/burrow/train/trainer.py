@@ -30,7 +30,6 @@ from burrow.flops import flops_per_token
 from burrow.infer import generate
 from burrow.model import ModelOutput, Transformer
 from burrow.parallel import (
-    LayerStrategy,
     ParallelDims,
     clip_grad_norm_,
     gradient_sync,
@@ -39,6 +38,7 @@ from burrow.parallel import (
     loss_parallel_context,
     parallelize,
 )
+from burrow.parallel.layouts import clip_sharded_grad_norm_
 from burrow.train.batches import BatchSchedule
 from burrow.train.checkpoint import (
     list_checkpoints,
@@ -160,13 +160,15 @@ class Trainer:
                             self.train_data.num_tokens,
                             self.val_data.num_tokens if self.val_data else 0,
                             self.micro_batch_size, self.batches.describe()))
+        if cfg.train.layouts(None):
+            self.log("each layer's data-parallel layout (replicas x shards; the embedding, "
+                     f"the blocks, the head): {cfg.train.layer_layouts}")
 
     def wrap_model(self) -> None:
         """Spread the model (parallel/); set micro_batch_size (the batch schedule, self.batches,
         counts micro-batches of it)."""
         train = self.cfg.train
-        layers = LayerStrategy.uniform(self.dims, self.cfg.model.n_layers,
-                                       train.checkpointed(self.cfg.model.n_layers))
+        layers = self.dims.layer_strategies(train, self.cfg.model.n_layers)
         self.forward = self.wrapped = parallelize(self.model, self.dims, self.device,
                                                   bf16=self.autocast is not None, layers=layers,
                                                   compile=train.compile)
@@ -261,12 +263,9 @@ class Trainer:
     def clip_gradients(self, clip: float) -> torch.Tensor:
         """Scale the gradients to a global norm of at most `clip`; the norm before."""
         if self.dims.ep > 1:  # expert gradients live on different ranks: the global norm
-            grad_norm = clip_grad_norm_(self.model, clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
-        return grad_norm
+            return clip_grad_norm_(self.model, clip)
+        # under FSDP2, each layer's shards on its layout's mesh (parallel/layouts.py)
+        return clip_sharded_grad_norm_(self.model.parameters(), clip)
 
     def run(self) -> dict[str, Any]:
         """Train to max_steps (or until a signal), evaluating and checkpointing on the way."""

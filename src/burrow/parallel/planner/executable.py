@@ -1,12 +1,15 @@
 """Plans burrow can execute: `burrow train --plan plan.json` and `plan-parallel --executable`.
 
-burrow's trainer spreads every layer of a job alike: one (tp, dp_replicate, dp_shard) for the
-embedding, every block and the head, on one DeviceMesh; tensor parallelism does not run inside
-pipeline stages yet. What a plan may still choose per layer is activation checkpointing of the
-blocks (the embedding keeps no activations to recompute, and burrow's fused loss keeps no
-logits, so the head's flag changes nothing). `executable_problem` says what a plan asks beyond
-that, `search_executable` is Galvatron's search restricted to it (the dynamic programme then
-chooses checkpointing alone), and `apply_plan` turns a plan into the train config's fields.
+burrow's trainer gives every layer of a job (the embedding, each block, the head) one
+tensor-parallel degree and one pipeline, and lets each layer lay its weights on the stage's
+data-parallel ranks its own way: any dp_replicate x dp_shard of the same data-parallel degree
+(parallel/layouts.py: FSDP2 per layer), and recompute its activations or not (blocks only:
+the embedding keeps no activations to recompute, and burrow's fused loss keeps no logits, so
+the head's flag changes nothing). Tensor parallelism does not run inside pipeline stages yet.
+`executable_problem` says what a plan asks beyond that, `search_executable` is Galvatron's
+search restricted to it (at each tensor-parallel degree, the dynamic programme chooses each
+layer's data-parallel layout and checkpointing), and `apply_plan` turns a plan into the
+train config's fields.
 """
 
 from __future__ import annotations
@@ -39,13 +42,11 @@ def executable_problem(plan: Plan) -> str | None:
     """Why burrow cannot run `plan` as it is, naming the layer and what to change; None if
     it can."""
     reference = plan.layers[1]  # block 0
-    degrees = (reference.tp, reference.dp_replicate, reference.dp_shard)
     for layer in plan.layers:
-        if (layer.tp, layer.dp_replicate, layer.dp_shard) != degrees:
+        if layer.tp != reference.tp:
             return (f"{layer.name} is spread as {layer.strategy.label()}, block 0 as "
-                    f"{reference.strategy.label()}; burrow spreads every layer alike: give "
-                    f"{layer.name} tp {reference.tp}, dp_replicate {reference.dp_replicate}, "
-                    f"dp_shard {reference.dp_shard}, or {_FIX}")
+                    f"{reference.strategy.label()}; burrow gives every layer one "
+                    f"tensor-parallel degree: give {layer.name} tp {reference.tp}, or {_FIX}")
     if plan.pp > 1 and reference.tp > 1:
         return (f"block 0 has tp {reference.tp} in a pipeline of {plan.pp} stages; tensor "
                 f"parallelism inside pipeline stages is not supported: use tp 1, or {_FIX}")
@@ -63,12 +64,15 @@ def plan_blocks_per_stage(plan: Plan) -> list[int]:
 
 def apply_plan(cfg: RunConfig, plan: Plan, world_size: int) -> RunConfig:
     """`cfg` with the train fields `plan` sets: seq_len and the global batch, the degrees
-    (pp, dp_replicate, dp_shard, tp), the stage split, the micro-batches and the checkpointed
-    blocks; UserError for a plan of another model or world size, or one burrow cannot run.
+    (pp, dp_replicate, dp_shard, tp), each layer's layout where they differ, the stage split,
+    the micro-batches and the checkpointed blocks; UserError for a plan of another model or
+    world size, or one burrow cannot run.
 
     The plan's micro_batch_size counts sequences per micro-batch over a stage's data-parallel
     ranks; TrainConfig.micro_batch_size is per rank: the plan's divided by dp_replicate x
-    dp_shard (which the plan guarantees divides it)."""
+    dp_shard (which the plan guarantees divides it). Layers laid out alike run as today's
+    uniform jobs (ddp for replicas without tensor parallelism); layers laid out differently
+    run under fsdp with train.layer_layouts, the job's own degrees block 0's."""
     seq_len = plan.model["seq_len"]
     if seq_len > cfg.model.max_seq_len:
         raise UserError(f"the plan trains on sequences of {seq_len} tokens, above this model's "
@@ -80,7 +84,10 @@ def apply_plan(cfg: RunConfig, plan: Plan, world_size: int) -> RunConfig:
         raise UserError(f"burrow cannot execute the plan: {problem}")
     block = plan.layers[1]
     dp = block.dp_replicate * block.dp_shard
-    mode = "none" if dp == 1 else "ddp" if block.dp_shard == 1 and block.tp == 1 else "fsdp"
+    layouts = [(layer.dp_replicate, layer.dp_shard) for layer in plan.layers]
+    uniform = len(set(layouts)) == 1
+    mode = ("none" if dp == 1 else "ddp" if uniform and block.dp_shard == 1 and block.tp == 1
+            else "fsdp")
     checkpointed = [str(index) for index, layer in enumerate(plan.layers[1:-1])
                     if layer.checkpoint]
     pipelined = plan.pp > 1
@@ -90,6 +97,7 @@ def apply_plan(cfg: RunConfig, plan: Plan, world_size: int) -> RunConfig:
         tensor_parallel=block.tp, pipeline_parallel=plan.pp,
         data_parallel_replicate=block.dp_replicate if mode != "none" else 0,
         data_parallel_shard=block.dp_shard if mode != "none" else 0,
+        layer_layouts="none" if uniform else ",".join(f"{r}x{s}" for r, s in layouts),
         pipeline_split=",".join(map(str, plan_blocks_per_stage(plan))) if pipelined else "",
         pipeline_microbatches=plan.micro_batches if pipelined else 0,
         checkpoint_layers=",".join(checkpointed) or "none")
@@ -98,11 +106,10 @@ def apply_plan(cfg: RunConfig, plan: Plan, world_size: int) -> RunConfig:
     return result
 
 
-def _restricted(problem: StageProblem, degrees: tuple[int, int, int]) -> StageProblem:
-    """The stage's problem with only the strategies of these (tp, dp_replicate, dp_shard):
-    checkpointing on or off."""
-    keep = [index for index, strategy in enumerate(problem.strategies)
-            if (strategy.tp, strategy.dp_replicate, strategy.dp_shard) == degrees]
+def _restricted(problem: StageProblem, tp: int) -> StageProblem:
+    """The stage's problem with only the strategies of tensor-parallel degree `tp`: every
+    data-parallel layout, checkpointing on or off."""
+    keep = [index for index, strategy in enumerate(problem.strategies) if strategy.tp == tp]
     return dataclasses.replace(
         problem, strategies=[problem.strategies[index] for index in keep],
         per_micro_batch=problem.per_micro_batch[:, keep], sync=problem.sync[:, keep],
@@ -124,18 +131,17 @@ def _runs(cfg: ModelConfig, pp: int, tp: int) -> bool:
 
 def search_executable(job: Job, inputs: CostInputs) -> Plan:
     """The fastest plan burrow can execute that fits: for each configuration of the outer
-    loops (search.py) and each layout of every layer, Galvatron's programme choosing each
-    layer's checkpointing; only layouts burrow's tensor and pipeline parallelism can split
-    the model into. UserError when none fits."""
+    loops (search.py) and each tensor-parallel degree burrow's tensor and pipeline
+    parallelism can split the model with, Galvatron's programme choosing each layer's
+    data-parallel layout and checkpointing. UserError when none fits."""
     best = None
     for config in sorted(configurations(job, inputs), key=Config.lower_bound):
         if best is not None and config.lower_bound() >= best.predicted_step_s:
             break
-        layouts = {(s.tp, s.dp_replicate, s.dp_shard) for s in config.stages[0].strategies}
-        for degrees in sorted(layouts):
-            if not _runs(job.cfg, config.pipeline, degrees[0]):
+        for tp in sorted({strategy.tp for strategy in config.stages[0].strategies}):
+            if not _runs(job.cfg, config.pipeline, tp):
                 continue
-            problems = [_restricted(problem, degrees) for problem in config.stages]
+            problems = [_restricted(problem, tp) for problem in config.stages]
             choices = [solve_stage(problem) for problem in problems]
             if any(choice is None for choice in choices):
                 continue
@@ -144,7 +150,7 @@ def search_executable(job: Job, inputs: CostInputs) -> Plan:
             if best is None or plan.predicted_step_s < best.predicted_step_s:
                 best = plan
     if best is None:
-        raise NoPlanFits("no plan burrow can execute fits (one layout for every layer, no "
-                         "tensor parallelism in a pipeline)",
+        raise NoPlanFits("no plan burrow can execute fits (one tensor-parallel degree for "
+                         "every layer, none in a pipeline)",
                          ", or drop --executable for the full search")
     return best

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from burrow.errors import UserError
+from burrow.parallel.dims import layer_names
 from burrow.parallel.planner.costmodel import Strategy
 
 if TYPE_CHECKING:
@@ -33,11 +34,6 @@ def model_fingerprint(cfg: ModelConfig, seq_len: int, preset: str | None = None)
     """The preset's name (when there is one) and the shape fields a plan depends on."""
     return {"preset": preset, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
             "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size, "seq_len": seq_len}
-
-
-def layer_names(n_layers: int) -> list[str]:
-    """The planner's layers in order: the embedding, the blocks, the head."""
-    return ["embedding", *(f"block {i}" for i in range(n_layers)), "head"]
 
 
 @dataclass(frozen=True)
