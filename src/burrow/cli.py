@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=POSITIVE_INT, default=8)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--retro-db", metavar="DB", help="a RETRO run's database: evaluate "
-                          "with retrieval and without, and bits per byte filtered by overlap")
+                          "with retrieval and without, and bits per byte filtered by overlap; "
+                          "with --tasks, score the tasks retrieving from it")
     evaluate.add_argument("--k", type=POSITIVE_INT, help="with --retro-db: neighbours per chunk "
-                          "(default the model's; up to the 4 stored)")
+                          "(default the model's; up to the 4 stored, any with --tasks)")
     evaluate.add_argument("--baseline", metavar="DENSE_RUN", help="with --retro-db: a run "
                           "without retrieval (same tokenizer) evaluated on the same chunks")
     evaluate.add_argument("--plot", metavar="PATH", help="with --retro-db: the PNG of bits per "

@@ -104,21 +104,26 @@ def eval_command(args: argparse.Namespace) -> dict[str, Any]:
 
 def tasks_command(args: argparse.Namespace) -> dict[str, Any]:
     """`burrow eval RUN --tasks ...`: the harness's results object for the run's model on the
-    tasks (eval/tasks.py), with --num-fewshot, --limit and --include-path passed through."""
+    tasks (eval/tasks.py), with --num-fewshot, --limit and --include-path passed through; a
+    RETRO run with --retro-db DB retrieves from DB (--k neighbours per chunk)."""
     from burrow.eval.tasks import evaluate_tasks, parse_tasks, require_harness
 
     require_harness()
     tasks = parse_tasks(args.tasks)
-    for flag in ("data", "max_tokens", "retro_db", "k", "baseline", "plot"):
+    for flag in ("data", "max_tokens", "baseline", "plot"):
         if getattr(args, flag, None) is not None:
             raise UserError(f"--{flag.replace('_', '-')} does not apply to --tasks: the tasks "
                             "bring their own data")
+    retro_db, k = getattr(args, "retro_db", None), getattr(args, "k", None)
+    if k is not None and retro_db is None:
+        raise UserError("--k needs --retro-db DB, the database to retrieve from")
     from burrow.eval.harness import BurrowLM
 
-    lm = BurrowLM(args.run, device=args.device, batch_size=args.batch_size)
-    if lm.cfg.retro is not None:
+    lm = BurrowLM(args.run, device=args.device, batch_size=args.batch_size, retro_db=retro_db,
+                  retro_k=k)
+    if lm.cfg.retro is not None and lm.retriever is None:
         print(f"burrow: note: {args.run} is a RETRO model; the tasks are evaluated without "
-              "retrieval", file=sys.stderr)
+              "retrieval (pass --retro-db DB to evaluate with its neighbours)", file=sys.stderr)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
     return evaluate_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit,
                           include_paths=args.include_path)
@@ -253,11 +258,9 @@ def _retriever(args: argparse.Namespace, cfg: RunConfig, tokenizer: Any) -> Any:
     if args.compile:
         raise UserError("--compile does not retrieve yet: drop --compile to generate with "
                         "--retro-db")
-    from burrow.retrieval import ChunkRetriever, check_database_fits, open_database
+    from burrow.retrieval import run_retriever
 
-    db = open_database(args.retro_db)
-    check_database_fits(db, cfg.model.retro, tokenizer, what=str(args.run))
-    return ChunkRetriever(db, tokenizer, args.k or cfg.model.retro.neighbours)
+    return run_retriever(args.retro_db, cfg.model.retro, tokenizer, args.k, what=str(args.run))
 
 
 def format_sources(tokens: list[int], prompt: int, m: int, sources: list[list[dict[str, Any]]],

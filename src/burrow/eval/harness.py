@@ -11,11 +11,16 @@ a run directory or a model in memory; `burrow eval RUN --tasks ...` and the trai
 - loglikelihood_rolling(text): log p(text), in the harness's disjoint windows of the model's
   context (lm_eval.utils.get_rolling_token_windows), the first one after </s>.
 - generate_until(context, until): greedy (or sampled) text from burrow.infer.generate, with its
-  KV cache, cut at the first stop string; decoding ends once every row of a batch holds one
-  (or </s>), not at max_gen_toks.
+  KV cache (and a RETRO model's retrieval at chunk boundaries), cut at the first stop string;
+  decoding ends once every row of a batch holds one (or </s>), not at max_gen_toks.
 
 A context too long for the model loses its start (left truncation), as in the harness's own
 backends; a continuation longer than the whole context cannot be scored and is refused.
+
+A RETRO model given its chunk database (`BurrowLM(run, retro_db=DB, retro_k=K)`, `burrow eval
+RUN --tasks ... --retro-db DB`) reads, in every request, the neighbours of each complete chunk
+of the tokens it scores or continues (RETRO §2.4), as it does in training and generation;
+without one it is its decoder alone.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
@@ -66,12 +72,19 @@ def _is_capacity_limited(cfg: Any) -> bool:
 @register_model("burrow")
 class BurrowLM(TemplateLM):
     """A burrow model for the harness: `BurrowLM(run="runs/nano")`, or from a model in memory
-    `BurrowLM(model=model, tokenizer=tokenizer)`; `--model_args run=runs/nano,batch_size=16`."""
+    `BurrowLM(model=model, tokenizer=tokenizer)`; `--model_args run=runs/nano,batch_size=16`.
+
+    For a RETRO model, `retro_db` (a database directory, or an open Database) is the chunk
+    database it retrieves from, with `retro_k` neighbours per chunk (default the model's
+    model.retro.neighbours, the k it trained with and `burrow eval --retro-db` reads);
+    `--model_args run=runs/retro,retro_db=db/,retro_k=4`. `retriever` is then its
+    ChunkRetriever, else None."""
 
     def __init__(self, run: str | Path | None = None, *, model: Any = None,
                  tokenizer: Any = None, device: str | torch.device = "auto",
                  batch_size: int | str = 8, max_length: int | None = None,
-                 seed: int = 0, **_harness_settings: Any):
+                 seed: int = 0, retro_db: Any = None, retro_k: int | str | None = None,
+                 **_harness_settings: Any):
         super().__init__()
         if (run is None) == (model is None):
             raise UserError("BurrowLM needs a run directory (run=...) or a model and its "
@@ -90,6 +103,23 @@ class BurrowLM(TemplateLM):
         self.batch_size = 1 if _is_capacity_limited(self.cfg) else _batch_size(batch_size)
         self._max_length = min(max_length or self.cfg.max_seq_len, self.cfg.max_seq_len)
         self.seed = seed
+        self.retriever = self._retriever(retro_db, retro_k, "the model" if run is None else run)
+
+    def _retriever(self, db: Any, k: int | str | None, what: str | Path) -> Any:
+        """The ChunkRetriever over database `db`, or None without one; a one-line UserError for
+        a model without retrieval or a database that does not fit it."""
+        if db is None:
+            if k is not None:
+                raise UserError("retro_k (--k) needs retro_db (--retro-db DB), the database to "
+                                "retrieve from")
+            return None
+        if self.cfg.retro is None:
+            raise UserError(f"{what} has no retrieval blocks (model.retro is unset); evaluate "
+                            "it without a database (drop --retro-db / retro_db=)")
+        from burrow.retrieval import run_retriever
+
+        return run_retriever(db, self.cfg.retro, self.tokenizer,
+                             None if k is None else int(k), what=str(what))
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None
@@ -146,11 +176,12 @@ class BurrowLM(TemplateLM):
             rows.append((context + continuation)[-(self.max_length + 1):])
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # long first: equal pads
         results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+        retrieved: dict[tuple[int, ...], np.ndarray] = {}  # chunk -> neighbours: contexts recur
         progress = tqdm(total=len(rows), disable=disable_tqdm, desc="burrow loglikelihood")
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
             scores = self._score_batch([rows[i] for i in batch],
-                                       [len(requests[i][2]) for i in batch])
+                                       [len(requests[i][2]) for i in batch], retrieved)
             for i, score in zip(batch, scores):
                 results[i] = score
             progress.update(len(batch))
@@ -158,14 +189,19 @@ class BurrowLM(TemplateLM):
         return results
 
     @torch.no_grad()
-    def _score_batch(self, rows: list[list[int]], counts: list[int]) -> list[tuple[float, bool]]:
+    def _score_batch(self, rows: list[list[int]], counts: list[int],
+                     retrieved: dict[tuple[int, ...], np.ndarray]) -> list[tuple[float, bool]]:
         """Score the last counts[b] tokens of each row given the ones before; rows are padded on
-        the right with </s>, which no scored position can see (causal attention)."""
+        the right with </s>, which no scored position can see (causal attention). With a
+        retriever, the model reads the neighbours of each row's complete chunks (`_neighbours`;
+        `retrieved` keeps those already looked up)."""
         width = max(len(row) for row in rows) - 1
         inputs = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
         for b, row in enumerate(rows):
             inputs[b, :len(row) - 1] = torch.tensor(row[:-1])
-        logits = self.model(inputs.to(self.device)).logits.float()
+        neighbours = self._neighbours([row[:-1] for row in rows], width, retrieved)
+        retrieval = {} if neighbours is None else {"neighbours": neighbours}
+        logits = self.model(inputs.to(self.device), **retrieval).logits.float()
         log_probs = F.log_softmax(logits, dim=-1)
         scores = []
         for b, (row, count) in enumerate(zip(rows, counts)):
@@ -177,6 +213,41 @@ class BurrowLM(TemplateLM):
             score = positions.gather(-1, targets[:, None]).sum()
             scores.append((float(score), bool((positions.argmax(-1) == targets).all())))
         return scores
+
+    def _neighbours(self, inputs: list[list[int]], width: int,
+                    retrieved: dict[tuple[int, ...], np.ndarray]) -> torch.Tensor | None:
+        """(B, width // m, k, r) token ids of the neighbours of each row's chunks, as the model
+        takes them for inputs padded to `width`; None without a retriever or a whole chunk.
+
+        Chunk u of a row is its input tokens u m ... u m + m - 1. Each chunk complete in the
+        row's own tokens is looked up (once per distinct chunk: `retrieved`). The others lie in
+        the padding and get </s> tokens, which no scored position reads: chunk u's neighbours
+        reach positions (u + 1) m - 1 onward only (chunked cross-attention's m - 1 shift,
+        model/retro.py), and a row of n tokens completes chunks 0 ... n // m - 1, so a padded
+        chunk, u >= n // m, reaches positions >= n, past the row's last scored one.
+
+        Causality: a chunk may hold continuation tokens, the ones being scored. The same shift
+        makes its neighbours inform only the predictions at its last position and after, those
+        of tokens that follow the chunk; so each token is scored given neighbours retrieved with
+        tokens before it, as generation samples it (infer/generate.py retrieves a chunk once
+        its last token is known), never with its own future.
+        """
+        if self.retriever is None or width < self.cfg.retro.chunk_size:
+            return None
+        m = self.cfg.retro.chunk_size
+        chunks = [[tuple(row[u * m:(u + 1) * m]) for u in range(len(row) // m)]
+                  for row in inputs]
+        missing = list(dict.fromkeys(chunk for row in chunks for chunk in row
+                                     if chunk not in retrieved))
+        if missing:
+            found, _ = self.retriever([list(chunk) for chunk in missing])
+            retrieved.update(zip(missing, np.asarray(found, dtype=np.int64)))
+        neighbours = np.full((len(inputs), width // m, self.retriever.k,
+                              self.cfg.retro.neighbour_length), self.eot_token_id, dtype=np.int64)
+        for b, row in enumerate(chunks):
+            for u, chunk in enumerate(row):
+                neighbours[b, u] = retrieved[chunk]
+        return torch.from_numpy(neighbours).to(self.device)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False
                               ) -> list[float]:
@@ -216,7 +287,7 @@ class BurrowLM(TemplateLM):
                 stops = [prepared[i][2] for i in batch]
                 out = generate(self.model, prompts, new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=self.seed,
-                               eos_id=self.eot_token_id,
+                               eos_id=self.eot_token_id, retrieve=self.retriever,
                                stop=lambda new, stops=stops: self._all_stopped(new, stops))
                 for i, row in zip(batch, out[:, length:].tolist()):
                     kept = row[:row.index(self.eot_token_id)] if self.eot_token_id in row else row

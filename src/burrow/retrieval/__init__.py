@@ -9,7 +9,7 @@ from burrow.retrieval.build import build_database
 from burrow.retrieval.chunks import CHUNK_TOKENS, VALUE_TOKENS, document_chunks
 from burrow.retrieval.database import Database, open_database, retrieved_tokens
 from burrow.retrieval.encoder import Encoder, MiniLMEncoder, get_encoder
-from burrow.retrieval.retriever import ChunkRetriever, check_database_fits
+from burrow.retrieval.retriever import ChunkRetriever, check_database_fits, run_retriever
 
 __all__ = [
     "CHUNK_TOKENS",
@@ -24,4 +24,5 @@ __all__ = [
     "get_encoder",
     "open_database",
     "retrieved_tokens",
+    "run_retriever",
 ]

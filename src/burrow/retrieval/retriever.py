@@ -8,6 +8,7 @@ excludes the chunk's own documents, retrieval/neighbours.py).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from burrow.config import RetroConfig
 from burrow.data.tokenizer import Tokenizer
 from burrow.errors import UserError
-from burrow.retrieval.database import Database, retrieved_tokens
+from burrow.retrieval.database import Database, open_database, retrieved_tokens
 
 
 def check_database_fits(db: Database, retro: RetroConfig, tokenizer: Tokenizer | None = None,
@@ -35,6 +36,17 @@ def check_database_fits(db: Database, retro: RetroConfig, tokenizer: Tokenizer |
     if tokenizer is not None and tokenizer.fingerprint != db.manifest["tokenizer_fingerprint"]:
         raise UserError(f"{db.path} was built with another tokenizer than {what}; build one "
                         f"with {what}'s: `burrow retro build --tokenizer RUN ...`")
+
+
+def run_retriever(db: Database | str | Path, retro: RetroConfig, tokenizer: Tokenizer,
+                  k: int | None = None, what: str = "the run") -> ChunkRetriever:
+    """The ChunkRetriever of a RETRO model over the database `db` (a path is opened), with k
+    neighbours per chunk (default the model's model.retro.neighbours, the k it trained with);
+    a one-line UserError for a database missing, half built or not fitting the model."""
+    if not isinstance(db, Database):
+        db = open_database(db)
+    check_database_fits(db, retro, tokenizer, what=what)
+    return ChunkRetriever(db, tokenizer, retro.neighbours if k is None else k)
 
 
 class ChunkRetriever:

@@ -2,7 +2,8 @@
 steps): the harness's scores of the model as it is, into metrics.jsonl and tasks.png.
 
 The tasks are checked when the run starts, so that a wrong name or a missing harness stops it
-before the first step rather than at the first evaluation.
+before the first step rather than at the first evaluation. A RETRO run's tasks are scored with
+retrieval from the database it trains with (data.retro_db), k = model.retro.neighbours.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from burrow.train.checkpoint import restore_rng_state, rng_state
 
 
 class TaskEvaluation:
-    """The tasks of train.eval_tasks, found once; `scores(model, ...)` evaluates them."""
+    """The tasks of train.eval_tasks, found once; `scores(model, ...)` evaluates them, a RETRO
+    model retrieving from `retro_db` (the run's open Database) when given."""
 
-    def __init__(self, train: TrainConfig):
+    def __init__(self, train: TrainConfig, retro_db: Any = None):
         from burrow.eval.tasks import parse_tasks, require_harness, task_manager
 
         require_harness()
@@ -29,6 +31,7 @@ class TaskEvaluation:
         self.every = train.eval_tasks_every
         self.batch_size = train.micro_batch_size
         self.manager = task_manager(self.tasks)
+        self.retro_db = retro_db
 
     def due(self, step: int, max_steps: int) -> bool:
         """Whether a periodic evaluation falls at `step` (the last step's is the final one)."""
@@ -46,7 +49,8 @@ class TaskEvaluation:
         was_training = model.training
         model.eval()
         try:
-            lm = BurrowLM(model=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            lm = BurrowLM(model=model, tokenizer=tokenizer, batch_size=self.batch_size,
+                          retro_db=self.retro_db)
             results = evaluate_tasks(lm, self.tasks, limit=self.limit, manager=self.manager)
         finally:
             model.train(was_training)

@@ -130,7 +130,10 @@ class Trainer:
         self.prepared, self.tokenizer = data.prepared, data.tokenizer
         self.retrieval = data.retrieval
         self.train_data, self.val_data = data.train, data.val
-        self.task_evaluation = TaskEvaluation(cfg.train) if cfg.train.eval_tasks else None
+        self.task_evaluation = None
+        if cfg.train.eval_tasks:  # a RETRO run's tasks retrieve from the database it trains with
+            self.task_evaluation = TaskEvaluation(
+                cfg.train, retro_db=None if self.retrieval is None else self.retrieval.db)
         if self.task_evaluation is None and (cfg.train.eval_tasks_every
                                              or cfg.train.eval_tasks_limit):
             raise UserError("--eval-tasks-every and --eval-tasks-limit need --eval-tasks TASKS")
