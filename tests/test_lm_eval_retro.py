@@ -232,3 +232,12 @@ def test_training_a_retro_run_evaluates_its_tasks_with_its_database(harness, run
     train(cfg, tmp_path / "run", verbose=False)
     (retriever,) = used
     assert retriever.db.path == runs["db"] and retriever.k == cfg.model.retro.neighbours
+
+
+def test_the_harness_command_line_reaches_the_database(lm, runs):
+    from burrow.eval.harness import BurrowLM
+
+    made = BurrowLM.create_from_arg_string(
+        f"run={runs['retro']},retro_db={runs['db']},retro_k=3", {"device": "cpu"})
+    assert made.retriever.db.path == runs["db"] and made.retriever.k == 3
+    assert lm.retriever.k == made.cfg.retro.neighbours == 2  # default: the k it trained with
