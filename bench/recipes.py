@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from harness import emit, log, run_main
 
-from burrow import RunConfig
+from burrow import RunConfig, UserError
 from burrow.data import TokenDataset
 from burrow.eval import evaluate, split_text
 from burrow.run import load_run, prepared_data_of
@@ -51,18 +51,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, default=Path("recipes.png"))
+    parser.add_argument("--labels", default=None,
+                        help="comma-separated legend labels, one per run (default: the recipe)")
+    parser.add_argument("--title", default="the same model and tokens under the papers' recipes")
     args = parser.parse_args()
     results = [describe(run) for run in args.runs]
+    if args.labels:
+        labels = args.labels.split(",")
+        if len(labels) != len(results):
+            raise UserError(f"--labels gives {len(labels)} labels for {len(results)} runs")
+        for result, label in zip(results, labels):
+            result["label"] = label
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for result in results:
         tokens, losses = zip(*result["curve"])
         axis.plot([t / 1e6 for t in tokens], losses,
-                  label=f"{result['recipe']} ({result['bits_per_byte']:.3f} bits/byte)")
+                  label=f"{result.get('label', result['recipe'])} "
+                        f"({result['bits_per_byte']:.3f} bits/byte)")
     axis.set_xlabel("training tokens (millions)")
     axis.set_ylabel("training loss (nats per token)")
     axis.set_ylim(top=min(8.0, axis.get_ylim()[1]))
     axis.legend()
-    axis.set_title("the same model and tokens under the papers' recipes")
+    axis.set_title(args.title)
     figure.tight_layout()
     figure.savefig(args.out, dpi=120)
     for result in results:

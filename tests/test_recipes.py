@@ -186,6 +186,7 @@ def test_the_switch_recipe_sets_switchs_model_fields_and_skips_them_on_a_dense_m
     cfg, _ = run_config_from_args(args_of("--preset", "switch-nano", "--recipe", "switch",
                                           "--out", str(tmp_path / "s")))
     assert cfg.model.init == "switch" and cfg.model.moe.jitter == 0.01
+    assert cfg.model.moe.router_z_loss == 0.0  # ST-MoE's addition, not Switch's
     assert (cfg.model.moe.capacity_factor, cfg.model.moe.balance_loss) == (1.25, 0.01)
     assert (cfg.train.optimizer, cfg.train.schedule, cfg.train.beta1) == ("adafactor", "rsqrt", 0)
     dense, _ = run_config_from_args(args_of("--preset", "nano", "--recipe", "switch",

@@ -119,13 +119,14 @@ RECIPES: tuple[Recipe, ...] = (
         batch_tokens=2 ** 20, steps=550_000,
         model={"init": "switch", "moe.init_scale": 0.1, "moe.jitter": 0.01,
                "moe.capacity_factor": 1.25, "moe.eval_capacity_factor": 2.0,
-               "moe.balance_loss": 0.01},
+               "moe.balance_loss": 0.01, "moe.router_z_loss": 0.0},
         notes=("§4.1: 2^20 tokens a batch for 550k steps; the paper names no optimiser: "
                "Switch is built on T5, whose pre-training used Adafactor (factored, without "
                "momentum: here unfactored with beta1 = 0) and 1/sqrt(max(n, 10^4)); "
                "no gradient clipping (Adafactor clips its updates); init: every weight matrix "
                "from a normal of variance 0.1 / fan-in truncated at 2 sigma (§2.4); router "
-               "input jitter 0.01 (Appendix C; the value is Mesh TensorFlow's)")),
+               "input jitter 0.01 (Appendix C; the value is Mesh TensorFlow's); no router "
+               "z-loss (ST-MoE's addition, Zoph et al. 2022, not Switch's)")),
 )
 
 _BY_NAME = {recipe.name: recipe for recipe in RECIPES}
