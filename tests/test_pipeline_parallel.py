@@ -92,26 +92,28 @@ def grad_norms(out) -> list[float]:
 
 # Tolerance as above: tensor parallelism adds its ranks' partial products and the softmax's
 # vocabulary shards in another order than one process (float32 rounding, ~1e-7 relative).
-def test_tensor_parallel_stages_resume_in_one_process_and_back_through_a_plan(
-        tmp_path, single, single_run):
-    """pp 2 x tp 2 under GPipe (DCP) -> one process (safetensors) -> pp 2 x tp 2 from a plan
-    under 1F1B: the losses, gradient norms (over both stages and both tensor-parallel ranks)
-    and final evaluation of one straight run in one process."""
+def test_tensor_parallel_stages_match_one_process_and_resume_in_one(tmp_path, single,
+                                                                   single_run):
+    """pp 2 x tp 2 under GPipe -> pp 2 x tp 2 from a plan under 1F1B (block 1 recomputed),
+    resuming the first's DCP shards -> one process, resuming the second's: the losses,
+    gradient norms (over both stages and both tensor-parallel ranks) and final evaluation of
+    one straight run in one process."""
     out = tmp_path / "run"
     train(out, 3, processes=4, data_parallel=1,
           extra=(*PP, "--tensor-parallel", "2", "--pipeline-schedule", "gpipe"))
-    assert (out / "checkpoints" / "step_3" / "model").is_dir()
-    train(out, 6, resume=True, extra=("--pipeline-parallel", "1", "--tensor-parallel", "1"))
     plan = tmp_path / "plan.json"
     tensor_plan().save(plan)
-    losses = train(out, 8, processes=4, resume=True,
-                   extra=("--plan", str(plan), "--pipeline-schedule", "1f1b"))
-    assert [*losses, val_loss(out)] == pytest.approx([*single, val_loss(single_run)], rel=1e-4)
-    assert grad_norms(out) == pytest.approx(grad_norms(single_run), rel=1e-4)
+    train(out, 6, processes=4, resume=True,
+          extra=("--plan", str(plan), "--pipeline-schedule", "1f1b"))
     saved = RunConfig.load(out / "config.yaml").train
     assert (saved.pipeline_parallel, saved.tensor_parallel, saved.pipeline_schedule) == (
         2, 2, "1f1b")
-    assert (out / "samples.txt").read_text().count("--- step 8,") == 1
+    assert (out / "checkpoints" / "step_6" / "model").is_dir()
+    assert (out / "samples.txt").read_text().count("--- step 6,") == 1  # from a whole copy
+    losses = train(out, 8, resume=True, extra=("--pipeline-parallel", "1", "--pipeline-split",
+                                               "", "--tensor-parallel", "1"))
+    assert [*losses, val_loss(out)] == pytest.approx([*single, val_loss(single_run)], rel=1e-4)
+    assert grad_norms(out) == pytest.approx(grad_norms(single_run), rel=1e-4)
 
 
 def test_train_follows_a_plan_on_four_processes(tmp_path, single):
@@ -188,6 +190,21 @@ def test_a_plan_searched_with_executable_is_accepted_and_a_full_one_may_not_be()
     with pytest.raises(UserError, match=r"burrow cannot execute the plan: .*--executable"):
         apply_plan(run, search(job, inputs).best, 64)
     apply_plan(run, search_executable(job, inputs), 64)
+
+
+def test_the_executable_search_puts_tensor_parallelism_inside_stages_where_that_pays():
+    """Gopher 1.4B (RoPE, untied) on 8 GPUs of 8 GB: the fastest plan burrow can execute
+    runs two stages of tp 2: the search weighs tensor parallelism inside pipeline stages."""
+    from burrow import presets
+
+    model = dataclasses.replace(presets.get("gopher-1.4b"), positions="rope",
+                                tie_embeddings=False)
+    inputs = CostInputs.from_hardware(get_hardware("h100"), memory_bytes=8e9)
+    job = Job(model, world_size=8, global_batch=64, seq_len=2048, preset="gopher-1.4b")
+    plan = search_executable(job, inputs)
+    assert (plan.pp, plan.mesh["tp"]) == (2, 2)
+    train_cfg = apply_plan(RunConfig(model=model, preset="gopher-1.4b"), plan, 8).train
+    assert (train_cfg.pipeline_parallel, train_cfg.tensor_parallel) == (2, 2)
 
 
 def test_stage_splits_and_micro_batches():
