@@ -8,9 +8,8 @@ whole model's names, so DCP checkpoints written by the stages together hold the 
 and load into any layout. Each stage is then spread over its ranks as a whole model is, in
 torchtitan's order (parallel/wrap.py): tensor parallelism on its "tp" dimension of the mesh,
 then checkpointing, compilation, FSDP2 or DDP on its own data-parallel dimensions; and a
-schedule (GPipe, Huang et al. 2019, or 1F1B, Narayanan et al.
-2021) runs a step's micro-batches through the stages: `Pipeline.step` in place of forward and
-backward.
+schedule (GPipe, Huang et al. 2019, or 1F1B, Narayanan et al. 2021) runs a step's
+micro-batches through the stages: `Pipeline.step` in place of forward and backward.
 """
 
 from __future__ import annotations
@@ -169,8 +168,8 @@ def build_pipeline(model: Transformer, dims: ParallelDims, device: torch.device,
                    compile: bool = False) -> Pipeline:
     """This rank's stage of `model` (its other stages' parts deleted), split over the
     stage's tensor-parallel ranks and spread over its data-parallel ones, and the schedule
-    that runs it. `layers`: the whole model's
-    (the embedding, each block, the head), as parallelize takes them. Collective."""
+    that runs it. `layers`: the whole model's (the embedding, each block, the head), as
+    parallelize takes them. Collective."""
     n_layers = len(model.blocks)
     layers = layers or LayerStrategy.uniform(dims, n_layers)
     check_layers(layers, dims, n_layers)
@@ -196,9 +195,9 @@ def build_pipeline(model: Transformer, dims: ParallelDims, device: torch.device,
     # boundary: split over the sequence, each rank's (B, T / tp, d) as a plain tensor
     # (tensor.py's layouts leave it so between blocks), sent to the rank of the same tp index
     # in the next stage, whose first norm takes it as its shard. So a boundary costs no
-    # collective and each rank sends 1 / tp of the activations (Megatron's scatter/gather of
-    # stage outputs, Narayanan et al. 2021 §4.1); a Replicate stream would gather it first and
-    # send tp copies.
+    # collective and each rank sends 1 / tp of the activations, as Megatron's scatter/gather
+    # optimisation does (Narayanan et al. 2021 §4.1) without its all-gather after the
+    # receive; a Replicate stream would send tp copies.
     stream = torch.empty(micro_batch_size, train.seq_len // dims.tp, model.cfg.d_model,
                          dtype=dtype, device="meta", requires_grad=True)
     ids = torch.empty(micro_batch_size, train.seq_len, dtype=torch.long, device="meta")
