@@ -77,6 +77,45 @@ def micro_plan(**change) -> Plan:
     return Plan(**{**fields, **change})
 
 
+def tensor_plan() -> Plan:
+    """The micro model on 4 processes as 2 stages of tp 2, block 1 recomputed, 4 micro-batches
+    of 2 sequences (both on each rank of a stage: one data-parallel rank)."""
+    return micro_plan(mesh={"pp": 2, "dp_replicate": 1, "dp_shard": 1, "tp": 2, "ep": 1},
+                      layers=tuple(LayerPlan(layer.name, 2, 1, 1, layer.checkpoint)
+                                   for layer in micro_plan().layers))
+
+
+def grad_norms(out) -> list[float]:
+    return [row["grad_norm"] for row in MetricsLog(out / "metrics.jsonl").rows()
+            if row["split"] == "train"]
+
+
+# Tolerance as above: tensor parallelism adds its ranks' partial products and the softmax's
+# vocabulary shards in another order than one process (float32 rounding, ~1e-7 relative).
+def test_tensor_parallel_stages_match_one_process_and_resume_in_one(tmp_path, single,
+                                                                   single_run):
+    """pp 2 x tp 2 under GPipe -> pp 2 x tp 2 from a plan under 1F1B (block 1 recomputed),
+    resuming the first's DCP shards -> one process, resuming the second's: the losses,
+    gradient norms (over both stages and both tensor-parallel ranks) and final evaluation of
+    one straight run in one process."""
+    out = tmp_path / "run"
+    train(out, 3, processes=4, data_parallel=1,
+          extra=(*PP, "--tensor-parallel", "2", "--pipeline-schedule", "gpipe"))
+    plan = tmp_path / "plan.json"
+    tensor_plan().save(plan)
+    train(out, 6, processes=4, resume=True,
+          extra=("--plan", str(plan), "--pipeline-schedule", "1f1b"))
+    saved = RunConfig.load(out / "config.yaml").train
+    assert (saved.pipeline_parallel, saved.tensor_parallel, saved.pipeline_schedule) == (
+        2, 2, "1f1b")
+    assert (out / "checkpoints" / "step_6" / "model").is_dir()
+    assert (out / "samples.txt").read_text().count("--- step 6,") == 1  # from a whole copy
+    losses = train(out, 8, resume=True, extra=("--pipeline-parallel", "1", "--pipeline-split",
+                                               "", "--tensor-parallel", "1"))
+    assert [*losses, val_loss(out)] == pytest.approx([*single, val_loss(single_run)], rel=1e-4)
+    assert grad_norms(out) == pytest.approx(grad_norms(single_run), rel=1e-4)
+
+
 def test_train_follows_a_plan_on_four_processes(tmp_path, single):
     plan = tmp_path / "plan.json"
     micro_plan().save(plan)
@@ -115,15 +154,19 @@ def test_plan_micro_batches_are_converted_to_each_ranks():
     assert train_cfg.batch_tokens // (train_cfg.micro_batch_size * 64 * 4) == 2
 
 
+def test_a_plan_with_tensor_parallel_stages_sets_both_degrees():
+    train_cfg = apply_plan(micro_config(), tensor_plan(), 4).train
+    assert (train_cfg.parallel, train_cfg.pipeline_parallel, train_cfg.tensor_parallel) == (
+        "none", 2, 2)
+    assert (train_cfg.micro_batch_size, train_cfg.pipeline_microbatches) == (2, 4)
+
+
 def test_plans_burrow_cannot_run_are_refused_naming_the_layer():
     layers = list(micro_plan().layers)
     layers[0] = LayerPlan("embedding", 2, 1, 1, False)
     with pytest.raises(UserError, match=r"embedding is spread as tp 2, block 0 as "
                                         r"dp_replicate 2.*--executable"):
         apply_plan(micro_config(), micro_plan(layers=tuple(layers)), 4)
-    tensor = tuple(LayerPlan(layer.name, 2, 1, 1, False) for layer in layers)
-    with pytest.raises(UserError, match="tensor parallelism inside pipeline stages"):
-        apply_plan(micro_config(), micro_plan(layers=tensor), 4)
     with pytest.raises(UserError, match="the plan is for 4 GPUs, not 2"):
         apply_plan(micro_config(), micro_plan(), 2)
     with pytest.raises(UserError, match=r"made for micro: d_model 64 \(this model: 32\)"):
@@ -147,6 +190,21 @@ def test_a_plan_searched_with_executable_is_accepted_and_a_full_one_may_not_be()
     with pytest.raises(UserError, match=r"burrow cannot execute the plan: .*--executable"):
         apply_plan(run, search(job, inputs).best, 64)
     apply_plan(run, search_executable(job, inputs), 64)
+
+
+def test_the_executable_search_puts_tensor_parallelism_inside_stages_where_that_pays():
+    """Gopher 1.4B (RoPE, untied) on 8 GPUs of 8 GB: the fastest plan burrow can execute
+    runs two stages of tp 2: the search weighs tensor parallelism inside pipeline stages."""
+    from burrow import presets
+
+    model = dataclasses.replace(presets.get("gopher-1.4b"), positions="rope",
+                                tie_embeddings=False)
+    inputs = CostInputs.from_hardware(get_hardware("h100"), memory_bytes=8e9)
+    job = Job(model, world_size=8, global_batch=64, seq_len=2048, preset="gopher-1.4b")
+    plan = search_executable(job, inputs)
+    assert (plan.pp, plan.mesh["tp"]) == (2, 2)
+    train_cfg = apply_plan(RunConfig(model=model, preset="gopher-1.4b"), plan, 8).train
+    assert (train_cfg.pipeline_parallel, train_cfg.tensor_parallel) == (2, 2)
 
 
 def test_stage_splits_and_micro_batches():
@@ -178,13 +236,16 @@ def test_what_does_not_compose_with_stages_is_refused():
         ParallelDims.for_mode("ddp", 4, pp=3)
     with pytest.raises(UserError, match=r"expert_parallel=2 with train\.pipeline_parallel"):
         ParallelDims.for_mode("ddp", 4, ep=2, pp=2)
-    cases = [({"tie_embeddings": True}, 1, "tied embeddings"),
-             ({"moe": MoEConfig(num_experts=4)}, 1, "Switch experts"),
-             ({}, 2, "tensor parallelism inside pipeline stages")]
-    for model, tp, message in cases:
+    cases = [({"tie_embeddings": True}, 1, 64, "tied embeddings"),
+             ({"moe": MoEConfig(num_experts=4)}, 1, 64, "Switch experts"),
+             ({}, 2, 63, "2 does not divide train.seq_len=63")]
+    for model, tp, seq_len, message in cases:
         dims = ParallelDims.for_mode("none", 2 * tp, tp=tp, pp=2)
+        cfg = micro_config(**model)
+        cfg.train = dataclasses.replace(cfg.train, seq_len=seq_len)
         with pytest.raises(UserError, match=message):
-            dims.check_model(micro_config(**model))
+            dims.check_model(cfg)
+    ParallelDims.for_mode("none", 4, tp=2, pp=2).check_model(micro_config())
 
 
 def test_a_pipeline_without_enough_processes_stops_before_joining_a_group(capsys, tmp_path):

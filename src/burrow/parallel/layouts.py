@@ -51,6 +51,12 @@ def layout_meshes(dims: ParallelDims, mesh, layers: list[LayerStrategy]
     return meshes
 
 
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The blocks a model or pipeline stage holds, in order."""
+    blocks = model.blocks
+    return list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
+
+
 def shard_layers(model: nn.Module, dims: ParallelDims, mesh, layers: list[LayerStrategy],
                  policy) -> None:
     """FSDP2 on each block of `model` (a Transformer or a pipeline stage) with its layer's

@@ -44,12 +44,13 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
                                 "attention and the dense MLP); use --parallel fsdp or ddp alone")
 
 
-def pipeline_refusal(model: ModelConfig, tp: int = 1) -> str | None:
+def pipeline_refusal(model: ModelConfig, seq_len: int, tp: int = 1) -> str | None:
     """Why a model cannot be cut into pipeline stages (with tensor parallelism `tp` inside
-    them), in words; None if it can."""
+    them, on sequences of `seq_len` tokens), in words; None if it can."""
     refusals = [
-        (tp > 1, f"train.tensor_parallel={tp}: tensor parallelism inside pipeline stages is "
-                 "not supported yet; use --parallel fsdp or ddp for the stages' ranks"),
+        (seq_len % tp, f"train.tensor_parallel={tp}: the stream between stages is split over "
+                       f"the sequence, and {tp} does not divide train.seq_len={seq_len}; "
+                       "change --seq-len"),
         (model.moe.enabled, "Switch experts: their balance losses arise on every stage, and "
                             "only the last adds losses to the objective; train a dense model"),
         (model.retro is not None, "RETRO: every chunked cross-attention needs the neighbours "
@@ -66,7 +67,7 @@ def check_pipeline(cfg: RunConfig, dims: ParallelDims) -> None:
     if dims.pp == 1:
         return
     train, model = cfg.train, cfg.model
-    why = pipeline_refusal(model, dims.tp) or (
+    why = pipeline_refusal(model, train.seq_len, dims.tp) or (
         "distillation: the teacher's logits would need the whole model"
         if cfg.distill is not None else "retro-fitting" if cfg.retro_fit is not None else
         "a batch ramp: the schedule's micro-batches are fixed when it is built"

@@ -5,11 +5,11 @@ The blocks are cut into pp consecutive stages (train.pipeline_split, or balanced
 stage also holds the embedding, the last the final norm, the head and the loss. Each stage is
 the Transformer with the other stages' parts deleted (`StageModule`): its parameters keep the
 whole model's names, so DCP checkpoints written by the stages together hold the whole model
-and load into any layout. Each stage is then spread over its data-parallel ranks as a whole
-model is (parallel/wrap.py: checkpointing, compilation, FSDP2 or DDP on the stage's own
-dimensions of the mesh), and a schedule (GPipe, Huang et al. 2019, or 1F1B, Narayanan et al.
-2021) runs a step's micro-batches through the stages: `Pipeline.step` in place of forward and
-backward.
+and load into any layout. Each stage is then spread over its ranks as a whole model is, in
+torchtitan's order (parallel/wrap.py): tensor parallelism on its "tp" dimension of the mesh,
+then checkpointing, compilation, FSDP2 or DDP on its own data-parallel dimensions; and a
+schedule (GPipe, Huang et al. 2019, or 1F1B, Narayanan et al. 2021) runs a step's
+micro-batches through the stages: `Pipeline.step` in place of forward and backward.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from burrow.model.positions import rotary_tables
 from burrow.parallel.dims import LayerStrategy, ParallelDims, check_layers
 from burrow.parallel.layouts import clip_grads_with_norm_, grad_norm
 from burrow.parallel.limits import pipeline_batch
+from burrow.parallel.tensor import apply_tensor_parallel, loss_parallel_context
 from burrow.parallel.wrap import spread
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -44,12 +45,15 @@ class StageModule(nn.Module):
     forward(x, labels) takes token ids (first stage) or the residual stream (B, T, d) from the
     stage before, and returns the residual stream, or on the last stage (1, 2): the
     objective (cross-entropy + z-loss) and the cross-entropy. It is the training path of
-    Transformer.forward (no KV cache, no retrieval), cut where the stages meet.
+    Transformer.forward (no KV cache, no retrieval), cut where the stages meet. Under tensor
+    parallelism the stream is each rank's T / `sequence_shards` positions (B, T / tp, d).
     """
 
-    def __init__(self, model: Transformer, blocks: range, *, first: bool, last: bool):
+    def __init__(self, model: Transformer, blocks: range, *, first: bool, last: bool,
+                 sequence_shards: int = 1):
         super().__init__()
         self.cfg, self.objective = model.cfg, model.objective
+        self.sequence_shards = sequence_shards
         self.embed = model.embed if first else None
         self.pos_embed = model.pos_embed if first else None
         self.drop = model.drop
@@ -58,7 +62,9 @@ class StageModule(nn.Module):
         self.head = model.head if last else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        positions = torch.arange(x.shape[1], device=x.device)
+        # the whole sequence's positions: the blocks attend over all of it, gathered
+        length = x.shape[1] if self.embed is not None else x.shape[1] * self.sequence_shards
+        positions = torch.arange(length, device=x.device)
         ctx = ForwardContext(positions)
         if self.embed is not None:
             x = self.embed(x)  # (B, T, d)
@@ -112,12 +118,14 @@ class Pipeline:
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Forward and backward of every micro-batch (gradients averaged over them, as
         accumulation does); the step's mean (objective, cross-entropy) on every rank."""
-        out = self._run(self.schedule.step, inputs, targets)
+        with loss_parallel_context(self.dims.tp):  # forward and backward of the split loss
+            out = self._run(self.schedule.step, inputs, targets)
         # The last stage alone has the losses: summed over the world with zeros elsewhere,
-        # each data-parallel replica's pipeline counted once, then averaged over replicas.
+        # each data-parallel replica's pipeline counted once per tensor-parallel rank (they
+        # all hold the same losses), then averaged.
         losses = out.detach().mean(0) if self.last else torch.zeros(2, device=inputs.device)
         dist.all_reduce(losses)
-        return losses / self.dims.dp_degree
+        return losses / (self.dims.dp_degree * self.dims.tp)
 
     @torch.no_grad()
     def evaluate(self, windows: Iterator[tuple[torch.Tensor, torch.Tensor, Any]],
@@ -131,7 +139,7 @@ class Pipeline:
             pad = size - len(inputs)
             inputs = torch.cat([inputs, inputs.new_zeros(pad, inputs.shape[1])])
             targets = torch.cat([targets, targets.new_full((pad, targets.shape[1]), -100)])
-            with autocast or nullcontext():
+            with autocast or nullcontext(), loss_parallel_context(self.dims.tp):
                 out = self._run(self.schedule.eval, inputs, targets)
             if self.last:
                 counts = (targets != -100).view(self.micro_batches, -1).sum(1)
@@ -145,7 +153,8 @@ class Pipeline:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip every stage's gradients by the norm over all stages' parameters, the one a
         single process computes; return it. Each stage's squared norm (over its shards, under
-        FSDP, each layout's apart) is summed over the pipeline, as torchtitan does."""
+        FSDP and tensor parallelism: DTensor norms, each mesh's apart) is summed over the
+        pipeline, as torchtitan does."""
         parameters = list(self.module.parameters())
         square = grad_norm(parameters).square()
         dist.all_reduce(square, group=self.pp_group)
@@ -157,9 +166,10 @@ class Pipeline:
 def build_pipeline(model: Transformer, dims: ParallelDims, device: torch.device, bf16: bool,
                    train: TrainConfig, *, layers: list[LayerStrategy] | None = None,
                    compile: bool = False) -> Pipeline:
-    """This rank's stage of `model` (its other stages' parts deleted), spread over the
-    stage's data-parallel ranks, and the schedule that runs it. `layers`: the whole model's
-    (the embedding, each block, the head), as parallelize takes them. Collective."""
+    """This rank's stage of `model` (its other stages' parts deleted), split over the
+    stage's tensor-parallel ranks and spread over its data-parallel ones, and the schedule
+    that runs it. `layers`: the whole model's (the embedding, each block, the head), as
+    parallelize takes them. Collective."""
     n_layers = len(model.blocks)
     layers = layers or LayerStrategy.uniform(dims, n_layers)
     check_layers(layers, dims, n_layers)
@@ -168,7 +178,10 @@ def build_pipeline(model: Transformer, dims: ParallelDims, device: torch.device,
     counts = train.pipeline_stages(n_layers)
     start = sum(counts[:stage])
     first, last = stage == 0, stage == dims.pp - 1
-    module = StageModule(model, range(start, start + counts[stage]), first=first, last=last)
+    module = StageModule(model, range(start, start + counts[stage]), first=first, last=last,
+                         sequence_shards=dims.tp)
+    if dims.tp > 1:
+        apply_tensor_parallel(module, mesh["tp"])
     wrapped = spread(module, dims, mesh, device, bf16, layers, compile)
     micro_batches, micro_batch_size = pipeline_batch(train, dims.dp_degree, dims.pp)
     pp_group = mesh.get_group("pp")
@@ -178,8 +191,15 @@ def build_pipeline(model: Transformer, dims: ParallelDims, device: torch.device,
     # residual additions in float32).
     dtype = torch.bfloat16 if bf16 and dims.mode == "fsdp" else torch.float32
     # (requires_grad: a stage's input receives a gradient to send back)
-    stream = torch.empty(micro_batch_size, train.seq_len, model.cfg.d_model, dtype=dtype,
-                         device="meta", requires_grad=True)
+    # Under tensor parallelism, the stream crosses a stage boundary as it crosses a block
+    # boundary: split over the sequence, each rank's (B, T / tp, d) as a plain tensor
+    # (tensor.py's layouts leave it so between blocks), sent to the rank of the same tp index
+    # in the next stage, whose first norm takes it as its shard. So a boundary costs no
+    # collective and each rank sends 1 / tp of the activations, as Megatron's scatter/gather
+    # optimisation does (Narayanan et al. 2021 §4.1) without its all-gather after the
+    # receive; a Replicate stream would send tp copies.
+    stream = torch.empty(micro_batch_size, train.seq_len // dims.tp, model.cfg.d_model,
+                         dtype=dtype, device="meta", requires_grad=True)
     ids = torch.empty(micro_batch_size, train.seq_len, dtype=torch.long, device="meta")
     losses = torch.empty(1, 2, dtype=torch.float32, device="meta")
     pipeline_stage = PipelineStage(wrapped, stage, dims.pp, device,

@@ -37,18 +37,21 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from burrow.parallel.layouts import blocks_of
 from burrow.parallel.limits import check_tensor_parallel
 
 __all__ = ["VocabParallelLoss", "apply_tensor_parallel", "check_tensor_parallel",
            "loss_parallel_context"]
 
 def apply_tensor_parallel(model: nn.Module, mesh) -> None:
-    """Split `model`'s weights over the 1-D tensor-parallel `mesh` in place (see above)."""
+    """Split `model`'s weights over the 1-D tensor-parallel `mesh` in place (see above).
+    `model` is a Transformer or a pipeline stage of one, which may lack the embedding, the
+    final norm and the head: each part present is split."""
     sequence = Shard(1)  # (B, T, d): the residual stream between blocks, split over T
-    parallelize_module(model, mesh, {
-        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=sequence),
-        "norm": SequenceParallel(),
-    })
+    ends = {"embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=sequence),
+            "norm": SequenceParallel()}
+    parallelize_module(model, mesh, {name: style for name, style in ends.items()
+                                     if getattr(model, name) is not None})
     if model.pos_embed is not None:
         # (T, d) learned positions are added to the stream's T / tp positions: the table is
         # replicated, and each rank looks up its own positions. The positions (T,) are the
@@ -66,7 +69,7 @@ def apply_tensor_parallel(model: nn.Module, mesh) -> None:
     gather_sequence = PrepareModuleInput(input_layouts=(sequence, None),
                                          desired_input_layouts=(Replicate(), None),
                                          use_local_output=True)
-    for block in model.blocks:
+    for block in blocks_of(model):
         attention, mlp = block.attn, block.mlp
         plan = {"attn": gather_sequence, "mlp": gather_sequence,
                 **{f"attn.{name}": ColwiseParallel() for name in attention.stackable},

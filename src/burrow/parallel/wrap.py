@@ -14,7 +14,7 @@ from torch import nn
 
 from burrow.parallel.dims import LayerStrategy, ParallelDims, check_layers
 from burrow.parallel.expert import reduce_expert_gradients, shard_experts
-from burrow.parallel.layouts import shard_layers
+from burrow.parallel.layouts import blocks_of, shard_layers
 from burrow.parallel.tensor import apply_tensor_parallel
 
 
@@ -66,12 +66,6 @@ def spread(model: nn.Module, dims: ParallelDims, mesh, device: torch.device, bf1
                   if bf16 else MixedPrecisionPolicy())
         shard_layers(model, dims, mesh, layers, policy)
     return model
-
-
-def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The blocks a model or pipeline stage holds, in order."""
-    blocks = model.blocks
-    return list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
 
 
 def apply_checkpointing(model: nn.Module, checkpointed: list[bool]) -> None:

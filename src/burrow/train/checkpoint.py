@@ -318,9 +318,14 @@ def load_training_state(checkpoint: Path, model: nn.Module, optimizer: torch.opt
         if (checkpoint / "optimizer").is_dir():
             state = get_optimizer_state_dict(model, optimizer)  # as for the weights above
             state["state"].update(full_expert_optimizer_state(model, optimizer))
+            # The moments alone are read; the groups' settings stay this run's (the schedule
+            # sets the rate and decay every step). DCP keeps one rank's copy of the groups,
+            # which under pipeline parallelism names one stage's parameters only.
+            groups = state.pop("param_groups")
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*single process")
                 dcp.load(state, checkpoint_id=checkpoint / "optimizer")
+            state["param_groups"] = groups
             options = StateDictOptions()
         else:
             state = torch.load(checkpoint / "optimizer.pt", weights_only=True)

@@ -4,8 +4,10 @@ evaluation and a sample that go through the pipeline's stages (parallel/pipeline
 - A step draws the micro-batches accumulation would (the same data, in the same order) and
   hands them to the schedule, which runs forward and backward of each through the stages; the
   last stage's losses are summed over the world so that every rank logs the same numbers.
-- The gradient norm spans every stage's parameters (each stage's squared norm summed over
-  the pipeline) before clipping, as one process computes it.
+  Each stage may be split over tensor-parallel ranks (parallel/pipeline.py says how).
+- The gradient norm spans every stage's parameters (each stage's squared norm, over its
+  tensor-parallel and FSDP shards, summed over the pipeline) before clipping, as one process
+  computes it.
 - Evaluation runs the held-out windows forward only through the same schedule, in batches of
   one step's micro-batches; the last stage's token losses, summed, reach every rank.
 - Checkpoints are DCP shards: each stage writes its parameters under the whole model's names,

@@ -1,15 +1,14 @@
 """Plans burrow can execute: `burrow train --plan plan.json` and `plan-parallel --executable`.
 
 burrow's trainer gives every layer of a job (the embedding, each block, the head) one
-tensor-parallel degree and one pipeline, and lets each layer lay its weights on the stage's
-data-parallel ranks its own way: any dp_replicate x dp_shard of the same data-parallel degree
-(parallel/layouts.py: FSDP2 per layer), and recompute its activations or not (blocks only:
-the embedding keeps no activations to recompute, and burrow's fused loss keeps no logits, so
-the head's flag changes nothing). Tensor parallelism does not run inside pipeline stages yet.
-`executable_problem` says what a plan asks beyond that, `search_executable` is Galvatron's
-search restricted to it (at each tensor-parallel degree, the dynamic programme chooses each
-layer's data-parallel layout and checkpointing), and `apply_plan` turns a plan into the
-train config's fields.
+tensor-parallel degree (inside pipeline stages too) and one pipeline, and lets each layer lay
+its weights on the stage's data-parallel ranks its own way: any dp_replicate x dp_shard of the
+same data-parallel degree (parallel/layouts.py: FSDP2 per layer), and recompute its
+activations or not (blocks only: the embedding keeps no activations to recompute, and
+burrow's fused loss keeps no logits, so the head's flag changes nothing). `executable_problem`
+says what a plan asks beyond that, `search_executable` is Galvatron's search restricted to it
+(at each tensor-parallel degree, the dynamic programme chooses each layer's data-parallel
+layout and checkpointing), and `apply_plan` turns a plan into the train config's fields.
 """
 
 from __future__ import annotations
@@ -47,9 +46,6 @@ def executable_problem(plan: Plan) -> str | None:
             return (f"{layer.name} is spread as {layer.strategy.label()}, block 0 as "
                     f"{reference.strategy.label()}; burrow gives every layer one "
                     f"tensor-parallel degree: give {layer.name} tp {reference.tp}, or {_FIX}")
-    if plan.pp > 1 and reference.tp > 1:
-        return (f"block 0 has tp {reference.tp} in a pipeline of {plan.pp} stages; tensor "
-                f"parallelism inside pipeline stages is not supported: use tp 1, or {_FIX}")
     return None
 
 
@@ -117,10 +113,10 @@ def _restricted(problem: StageProblem, tp: int) -> StageProblem:
         transition=problem.transition[np.ix_(keep, keep)])
 
 
-def _runs(cfg: ModelConfig, pp: int, tp: int) -> bool:
-    """Whether burrow splits `cfg` over pp stages with tensor parallelism tp
-    (parallel/limits.py)."""
-    if pp > 1 and pipeline_refusal(cfg, tp):
+def _runs(cfg: ModelConfig, seq_len: int, pp: int, tp: int) -> bool:
+    """Whether burrow splits `cfg` over pp stages with tensor parallelism tp inside each, on
+    sequences of `seq_len` tokens (parallel/limits.py)."""
+    if pp > 1 and pipeline_refusal(cfg, seq_len, tp):
         return False
     try:
         check_tensor_parallel(cfg, tp)
@@ -139,7 +135,7 @@ def search_executable(job: Job, inputs: CostInputs) -> Plan:
         if best is not None and config.lower_bound() >= best.predicted_step_s:
             break
         for tp in sorted({strategy.tp for strategy in config.stages[0].strategies}):
-            if not _runs(job.cfg, config.pipeline, tp):
+            if not _runs(job.cfg, job.seq_len, config.pipeline, tp):
                 continue
             problems = [_restricted(problem, tp) for problem in config.stages]
             choices = [solve_stage(problem) for problem in problems]
@@ -151,6 +147,6 @@ def search_executable(job: Job, inputs: CostInputs) -> Plan:
                 best = plan
     if best is None:
         raise NoPlanFits("no plan burrow can execute fits (one tensor-parallel degree for "
-                         "every layer, none in a pipeline)",
+                         "every layer)",
                          ", or drop --executable for the full search")
     return best
