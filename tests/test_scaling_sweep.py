@@ -103,6 +103,27 @@ def test_a_changed_plan_is_refused_unless_forced(tiny_law, tmp_path):
     assert not (out / "runs" / plan_sweep(settings)[0].name).exists()
 
 
+def test_a_sweep_begun_before_burrow_gained_a_setting_continues(tiny_law, tmp_path):
+    """A manifest whose run configs lack a field today's burrow writes (with its default) is
+    the same sweep: its runs are kept, even with --force; a changed value is not."""
+    out = tmp_path / "sweep"
+    settings = tiny_settings(tiny_law)
+    runs = plan_sweep(settings)
+    open_sweep(out, settings, runs)
+    manifest = json.loads((out / "sweep.json").read_text())
+    for run in manifest["runs"]:
+        del run["config"]["train"]["layer_layouts"]  # as written before the field existed
+    (out / "sweep.json").write_text(json.dumps(manifest))
+    (out / "runs" / runs[0].name).mkdir(parents=True)
+    open_sweep(out, settings, runs)
+    open_sweep(out, settings, runs, force=True)
+    assert (out / "runs" / runs[0].name).is_dir()
+    manifest["runs"][0]["config"]["train"]["seed"] = 7
+    (out / "sweep.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="different sweep"):
+        open_sweep(out, settings, runs)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--budgets", "1e12,abc"], ["--budgets", "abc"]),
     (["--budgets=-1e12"], ["--budgets", "positive"]),

@@ -263,7 +263,7 @@ def open_sweep(out: Path, settings: SweepSettings, runs: list[SweepRun], *,
     path = out / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text())
-        if _plan_key(old.get("runs", [])) == _plan_key(manifest["runs"]):
+        if _same_plan(old.get("runs", []), manifest["runs"]):
             _write_json(path, manifest)
             return
         if not force:
@@ -271,21 +271,35 @@ def open_sweep(out: Path, settings: SweepSettings, runs: list[SweepRun], *,
                             "use another --out, or --force to replace it")
         keep = {run["name"]: run["config"] for run in manifest["runs"]}
         for run in old.get("runs", []):
-            if keep.get(run["name"]) != run["config"]:
+            if run["name"] not in keep or not _same_config(run["config"], keep[run["name"]]):
                 shutil.rmtree(out / "runs" / run["name"], ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(path, manifest)
 
 
-def _plan_key(runs: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """What makes two plans the same: each run's name and config, except how often it logs
-    (a sweep planned when runs logged 4 times, before approach 1 read the curves, continues)."""
-    key = []
-    for run in runs:
-        config = json.loads(json.dumps(run["config"]))
-        config.get("train", {}).pop("log_every", None)
-        key.append((run["name"], config))
-    return key
+def _same_plan(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> bool:
+    """Whether two plans train the same runs: the same names in order, and configs equal but
+    for how often they log (a sweep planned when runs logged 4 times, before approach 1 read
+    the curves, continues) and for fields the old plan did not know (a burrow that gained a
+    setting since the sweep began plans the same runs with the setting's default)."""
+    return (len(old) == len(new)
+            and all(a["name"] == b["name"] and _same_config(a["config"], b["config"])
+                    for a, b in zip(old, new)))
+
+
+def _same_config(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """old's fields equal new's (recursively); fields only new has, and log_every, ignored."""
+    for key, value in old.items():
+        if key == "log_every":
+            continue
+        if key not in new:
+            return False
+        if isinstance(value, dict) and isinstance(new[key], dict):
+            if not _same_config(value, new[key]):
+                return False
+        elif value != new[key]:
+            return False
+    return True
 
 
 def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
