@@ -31,8 +31,8 @@ def add_plan_parallel_command(commands: argparse._SubParsersAction) -> None:
                       "matmuls sustain; default 0.6")
     plan.add_argument("--executable", action="store_true", help="search only plans burrow "
                       "train --plan can run: one tensor-parallel degree for every layer, a "
-                      "data-parallel layout per layer, checkpointing per block, no tensor "
-                      "parallelism inside a pipeline")
+                      "data-parallel layout per layer, checkpointing per block, tensor "
+                      "parallelism inside pipeline stages when it divides the sequence")
     plan.add_argument("--out", metavar="PLAN_JSON", help="write the searched plan to this file")
     plan.add_argument("--profile", nargs="?", const="", metavar="PROFILE_JSON",
                       help="plan for this machine from its measured profile, --gpus read as "
