@@ -13,6 +13,7 @@ from burrow.parallel import ParallelDims
 from burrow.parallel.limits import pipeline_batch
 from burrow.parallel.planner import CostInputs, Job, LayerPlan, Plan, get_hardware, search
 from burrow.parallel.planner.executable import apply_plan, search_executable
+from burrow.parallel.planner.search import NoPlanFits
 from burrow.train.metrics import MetricsLog
 from conftest import tiny_run_config
 from test_parallel import COMMON, train
@@ -205,6 +206,28 @@ def test_the_executable_search_puts_tensor_parallelism_inside_stages_where_that_
     assert (plan.pp, plan.mesh["tp"]) == (2, 2)
     train_cfg = apply_plan(RunConfig(model=model, preset="gopher-1.4b"), plan, 8).train
     assert (train_cfg.pipeline_parallel, train_cfg.tensor_parallel) == (2, 2)
+
+
+def test_the_executable_search_gives_each_pipeline_stage_a_micro_batch():
+    """Two sequences a step on 2 GPUs, a model tensor parallelism cannot split (3 heads): the
+    full search's plan is two stages of one micro-batch, which the 1F1B schedule a plan runs
+    under refuses; the executable search's has a micro-batch per stage and passes the checks
+    the trainer makes before joining a process group. One sequence a step has no such plan."""
+    model = ModelConfig(vocab_size=512, d_model=48, n_layers=2, n_heads=3, max_seq_len=64)
+    inputs = CostInputs.from_hardware(get_hardware("h100"), memory_bytes=80e9)
+    job = Job(model, world_size=2, global_batch=2, seq_len=64)
+    run = RunConfig(model=model)
+    full = search(job, inputs).best
+    assert (full.pp, full.micro_batches) == (2, 1)
+    with pytest.raises(UserError, match="pipeline_microbatches=1 is fewer than the 2 stages"):
+        refused = apply_plan(run, full, 2)
+        ParallelDims.for_train(refused.train, 2).check_model(refused)
+    plan = search_executable(job, inputs)
+    assert (plan.pp, plan.micro_batches) == (2, 2)
+    cfg = apply_plan(run, plan, 2)
+    ParallelDims.for_train(cfg.train, 2).check_model(cfg)
+    with pytest.raises(NoPlanFits, match=r"a micro-batch for each pipeline stage\)"):
+        search_executable(dataclasses.replace(job, global_batch=1), inputs)
 
 
 def test_stage_splits_and_micro_batches():

@@ -32,7 +32,7 @@ from burrow.parallel.planner.stages import (
 )
 
 if TYPE_CHECKING:
-    from burrow.config import ModelConfig, RunConfig
+    from burrow.config import RunConfig
 
 _FIX = "make the plan with burrow plan-parallel --executable"
 
@@ -113,13 +113,16 @@ def _restricted(problem: StageProblem, tp: int) -> StageProblem:
         transition=problem.transition[np.ix_(keep, keep)])
 
 
-def _runs(cfg: ModelConfig, seq_len: int, pp: int, tp: int) -> bool:
-    """Whether burrow splits `cfg` over pp stages with tensor parallelism tp inside each, on
-    sequences of `seq_len` tokens (parallel/limits.py)."""
-    if pp > 1 and pipeline_refusal(cfg, seq_len, tp):
+def _runs(job: Job, config: Config, tp: int) -> bool:
+    """Whether burrow trains `job` as `config` says with tensor parallelism tp inside each
+    stage (parallel/limits.py): the model splits over the stages and the tp ranks, and a
+    pipeline has a micro-batch for each stage, which the trainer's 1F1B schedule needs (the
+    schedule a plan runs under, and the one the cost model times)."""
+    pp = config.pipeline
+    if pp > 1 and (config.micro_batches < pp or pipeline_refusal(job.cfg, job.seq_len, tp)):
         return False
     try:
-        check_tensor_parallel(cfg, tp)
+        check_tensor_parallel(job.cfg, tp)
     except UserError:
         return False
     return True
@@ -135,7 +138,7 @@ def search_executable(job: Job, inputs: CostInputs) -> Plan:
         if best is not None and config.lower_bound() >= best.predicted_step_s:
             break
         for tp in sorted({strategy.tp for strategy in config.stages[0].strategies}):
-            if not _runs(job.cfg, job.seq_len, config.pipeline, tp):
+            if not _runs(job, config, tp):
                 continue
             problems = [_restricted(problem, tp) for problem in config.stages]
             choices = [solve_stage(problem) for problem in problems]
@@ -147,6 +150,6 @@ def search_executable(job: Job, inputs: CostInputs) -> Plan:
                 best = plan
     if best is None:
         raise NoPlanFits("no plan burrow can execute fits (one tensor-parallel degree for "
-                         "every layer)",
+                         "every layer, a micro-batch for each pipeline stage)",
                          ", or drop --executable for the full search")
     return best
