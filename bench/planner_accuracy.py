@@ -38,6 +38,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "data" / "corpus"
+# Held out of the test corpus: enough tokens for the evaluation at the end of a run.
+VAL_FRACTION = 0.25
 
 # (name, processes, `burrow train` flags, tp, dp_replicate, dp_shard); each also checkpointed.
 PLANS = [("DDP", 2, ["--parallel", "ddp"], 1, 2, 1),
@@ -88,7 +90,7 @@ def run_plan(flags: list[str], processes: int, dp: int, args: argparse.Namespace
     """Train one plan; (median seconds per step after the warm-up, peak bytes per process)."""
     sequences = args.global_batch
     train = ["train", "--preset", "micro", "--data", str(args.data), "--set",
-             f"model.vocab_size={args.vocab_size}", "--set", "data.val_fraction=0.25",
+             f"model.vocab_size={args.vocab_size}", "--set", f"data.val_fraction={VAL_FRACTION}",
              "--seq-len", str(args.seq_len), "--batch-tokens", str(sequences * args.seq_len),
              "--micro-batch-size", str(sequences // dp), "--max-steps", str(args.steps),
              "--warmup-steps", "1", "--eval-every", "0", "--eval-tokens", "1024",
@@ -96,16 +98,37 @@ def run_plan(flags: list[str], processes: int, dp: int, args: argparse.Namespace
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(processes), __file__, "--worker", str(folder), "--",
                *train]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=burrow_env())
     if done.returncode:
         raise RuntimeError(f"{' '.join(flags)} failed:\n{done.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text()
-            .splitlines()]
-    seconds = [row["tokens"] / row["step"] / row["tokens_per_second"] for row in rows
-               if row.get("split") == "train" and row["step"] > min(args.warmup, args.steps - 1)]
     memory = [json.loads(path.read_text()) for path in folder.glob("memory_*.json")]
-    return statistics.median(seconds), max(m["peak"] - m["baseline"] for m in memory)
+    return (statistics.median(step_seconds(folder / "run", args.warmup)),
+            max(m["peak"] - m["baseline"] for m in memory))
+
+
+def burrow_env() -> dict[str, str]:
+    """The environment of a child process: this checkout's burrow first on the path."""
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def step_seconds(run: Path, warmup: int) -> list[float]:
+    """Each training step's seconds after the first `warmup` (at least the last step is kept),
+    from the run's metrics.jsonl logged every step: tokens per step / tokens per second."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if row.get("split") == "train"]
+    last = max(row["step"] for row in train)
+    return [row["tokens"] / row["step"] / row["tokens_per_second"] for row in train
+            if row["step"] > min(warmup, last - 1)]
+
+
+def prepare_data(data: Path, vocab_size: int) -> None:
+    """Train the tokenizer and write the shards once, before any run, so that no run's time
+    or memory peak is the tokenizer's training."""
+    done = subprocess.run([sys.executable, "-m", "burrow", "data", "prepare", "--data",
+                           str(data), "--vocab-size", str(vocab_size), "--val-fraction",
+                           str(VAL_FRACTION)], capture_output=True, text=True, env=burrow_env())
+    if done.returncode:
+        raise RuntimeError(f"burrow data prepare failed:\n{done.stderr[-3000:]}")
 
 
 def predict(cfg: Any, tp: int, replicate: int, shard: int, checkpoint: bool, processes: int,
@@ -166,11 +189,7 @@ def main() -> None:
 
     cfg = model_config(args.vocab_size)
     profile, key = profile_machine(cfg, args.seq_len, 4, progress=log)
-    # The tokenizer and the shards are prepared once here, so that no run's memory peak is
-    # the tokenizer's training.
-    subprocess.run([sys.executable, "-m", "burrow", "data", "prepare", "--data", str(args.data),
-                    "--vocab-size", str(args.vocab_size), "--val-fraction", "0.25"], check=True,
-                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    prepare_data(args.data, args.vocab_size)
     plans = [(name, processes, flags + extra, tp, replicate, shard, checkpoint)
              for name, processes, flags, tp, replicate, shard in PLANS
              for checkpoint, extra in ((False, []), (True, ["--checkpoint-layers", "all"]))]
