@@ -5,7 +5,6 @@ retrieval, `burrow eval RUN --tasks ... --retro-db DB`, its one-line refusals, a
 task evaluation of a RETRO run retrieving from the database it trains with."""
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from burrow.run import load_run
 from burrow.train.checkpoint import save_checkpoint
 from conftest import CORPUS, tiny_run_config
 from test_retrieval import ByteCountEncoder
+from test_retro_generate import edited_copy
 from test_retro_train import retro_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local files
@@ -179,13 +179,6 @@ def test_burrow_eval_tasks_with_retro_db_retrieves(harness, runs, capsys, monkey
     assert "stdlib_docstrings" in captured.out and "acc_norm" in captured.out
     assert "without retrieval" not in captured.err
     assert sum(calls) > 0
-
-
-def edited_copy(db: Path, out: Path, **fields) -> Path:
-    shutil.copytree(db, out)
-    manifest = json.loads((out / "database.json").read_text())
-    (out / "database.json").write_text(json.dumps({**manifest, **fields}))
-    return out
 
 
 @pytest.mark.parametrize("case, message", [
